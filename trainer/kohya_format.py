@@ -1,0 +1,550 @@
+"""The kohya LoRA file format, in one place: the only module that builds LoRA key strings.
+
+An adapter is data. This module converts it between two shapes, with pure functions and no model:
+
+* **peft**: the state dicts that ``peft.get_peft_model_state_dict`` returns, keyed
+  ``<module path>.lora_A.weight`` / ``.lora_B.weight`` (UNet paths as in diffusers; text-encoder
+  paths with or without ``text_model.`` — transformers 5 dropped that level), plus one alpha per
+  module (peft keeps alpha in its config, not in the state dict).
+* **kohya** (sd-scripts ``networks/lora.py``, what A1111, ComfyUI, diffusers and sd-scripts load):
+  ``lora_unet_<path, '.'->'_'>.lora_down.weight | .lora_up.weight | .alpha`` and
+  ``lora_te_text_model_encoder_layers_<i>_<...>`` for the CLIP text encoder. Tensors keep peft's
+  layout (``lora_A`` = ``lora_down`` ``[r, in(, kh, kw)]``, ``lora_B`` = ``lora_up``
+  ``[out, r(, 1, 1)]``; the SD1.5 ``proj_in``/``proj_out`` 1x1 convs stay 4-D, kohya refuses 2-D).
+  ``alpha`` is a 0-d float32 tensor holding the *true* alpha, so every loader computes
+  ``ΔW = multiplier · alpha / r · up @ down`` — the same update peft applied during training.
+
+Files: :func:`save_kohya_lora` writes atomically with string metadata from :func:`build_metadata`
+and kohya's ``sshs_model_hash`` / ``sshs_legacy_hash``; :func:`load_kohya_lora` reads ours and
+kohya's (missing alpha means alpha = rank; ``lora_te1_`` is accepted on read) and rejects anything
+else with one line. Training-set membership for the evaluator's overlap guard:
+:func:`image_digest`, :func:`training_image_digests`, :func:`is_training_image`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from ..errors import UserError
+
+if TYPE_CHECKING:  # torch/safetensors are imported inside functions (docs/internals.md)
+    import torch
+
+    from .config import TrainConfig
+
+UNET_PREFIX = "lora_unet_"
+TE_PREFIX = "lora_te_"
+TE_READ_PREFIXES = ("lora_te_", "lora_te1_")  # lora_te1_ is diffusers' convert_state_dict_to_kohya spelling
+TE_PATH_ROOT = "text_model."  # kohya's (transformers 4) CLIP module root; always in the key
+
+DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
+KOHYA_SUFFIXES = (DOWN, UP, ALPHA)
+
+# Metadata keys of our own (the evaluator's overlap guard reads them).
+META_TRIGGER = "facediffuser_trigger"
+META_TRAIN_IMAGES = "facediffuser_train_images_sha256"
+META_TRAIN_IMAGES_SCHEME = "facediffuser_train_images_hash"
+IMAGE_DIGEST_HEX = 16  # 64 bits of sha256 per image: collisions are negligible at any dataset size
+IMAGE_DIGEST_SCHEME = f"sha256(file bytes)[:{IMAGE_DIGEST_HEX}] hex, sorted JSON list"
+
+_PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+
+# Multi-word tokens of diffusers / transformers module paths. Reading a kohya name back splits it at
+# '_' and re-joins these greedily (longest first); every other token is its own path component.
+_COMPOUND_TOKENS = frozenset({
+    # diffusers UNet
+    "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
+    "proj_in", "proj_out", "conv_shortcut", "time_emb_proj", "conv_in", "conv_out", "conv_norm_out",
+    "time_embedding", "linear_1", "linear_2", "add_embedding", "class_embedding",
+    # transformers CLIP
+    "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "final_layer_norm",
+    "layer_norm1", "layer_norm2", "token_embedding", "position_embedding",
+})
+_MAX_COMPOUND = max(t.count("_") + 1 for t in _COMPOUND_TOKENS)
+
+Part = Literal["unet", "text_encoder"]
+
+
+# --- names --------------------------------------------------------------------------------------
+
+def _te_path(module: str) -> str:
+    """A CLIP module path in kohya's form: always rooted at ``text_model.``."""
+    module = module.removeprefix("base_model.model.")
+    return module if module.startswith(TE_PATH_ROOT) else TE_PATH_ROOT + module
+
+
+def kohya_module_name(module: str, part: Part) -> str:
+    """``down_blocks.0....to_q`` -> ``lora_unet_down_blocks_0_..._to_q``;
+    ``encoder.layers.0.mlp.fc1`` (or ``text_model.encoder...``) -> ``lora_te_text_model_encoder_layers_0_mlp_fc1``."""
+    if part == "unet":
+        return UNET_PREFIX + module.removeprefix("base_model.model.").replace(".", "_")
+    if part == "text_encoder":
+        return TE_PREFIX + _te_path(module).replace(".", "_")
+    raise ValueError(f"part must be 'unet' or 'text_encoder', not {part!r}")
+
+
+def _split_path(flat: str) -> str:
+    parts = flat.split("_")
+    out: list[str] = []
+    i = 0
+    while i < len(parts):
+        for j in range(min(len(parts), i + _MAX_COMPOUND), i, -1):
+            token = "_".join(parts[i:j])
+            if j == i + 1 or token in _COMPOUND_TOKENS:
+                out.append(token)
+                i = j
+                break
+    return ".".join(out)
+
+
+def parse_kohya_module_name(name: str, *, te_text_model: bool = False) -> tuple[Part, str]:
+    """The reverse of :func:`kohya_module_name`: ``(part, peft module path)``.
+
+    Text-encoder paths come back without ``text_model.`` (transformers 5 module names) unless
+    ``te_text_model`` (transformers 4). ``lora_te1_`` is read like ``lora_te_``."""
+    if name.startswith(UNET_PREFIX):
+        return "unet", _split_path(name[len(UNET_PREFIX):])
+    for prefix in TE_READ_PREFIXES:
+        if name.startswith(prefix):
+            path = _split_path(name[len(prefix):]).removeprefix(TE_PATH_ROOT)
+            return "text_encoder", (TE_PATH_ROOT + path if te_text_model else path)
+    raise UserError(f"LoRA key {name!r} is neither lora_unet_ nor lora_te_: not an SD1.x kohya LoRA module")
+
+
+# --- peft <-> kohya -----------------------------------------------------------------------------
+
+def _group_peft(sd: Mapping[str, "torch.Tensor"], what: str) -> dict[str, dict[str, "torch.Tensor"]]:
+    """``{module: {"A": tensor, "B": tensor}}``, checked for completeness and matching ranks."""
+    modules: dict[str, dict[str, Any]] = {}
+    adapters: set[str] = set()
+    for key, tensor in sd.items():
+        m = _PEFT_KEY.match(key)
+        if not m:
+            raise UserError(f"{what} LoRA state dict has an unsupported key {key!r} (only lora_A/lora_B weights are supported: no DoRA, biases or embeddings)")
+        if m["adapter"]:
+            adapters.add(m["adapter"])
+        modules.setdefault(m["module"].removeprefix("base_model.model."), {})[m["ab"]] = tensor
+    if len(adapters) > 1:
+        raise UserError(f"{what} LoRA state dict holds several adapters ({', '.join(sorted(adapters))}); pass one")
+    for module, ab in modules.items():
+        if set(ab) != {"A", "B"}:
+            raise UserError(f"{what} LoRA module {module!r} lacks its lora_{'B' if 'A' in ab else 'A'} weight")
+        a, b = ab["A"], ab["B"]
+        if a.dim() not in (2, 4) or b.dim() != a.dim() or b.shape[1] != a.shape[0]:
+            raise UserError(f"{what} LoRA module {module!r} has mismatched shapes lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)}")
+    return modules
+
+
+def _alpha_for(module: str, rank: int, alpha: float | Mapping[str, float] | None, part: Part) -> float:
+    if alpha is None:
+        return float(rank)
+    if isinstance(alpha, Mapping):
+        key = module if module in alpha else None
+        if key is None and part == "text_encoder":  # accept either spelling of the CLIP path
+            for cand in (_te_path(module), _te_path(module).removeprefix(TE_PATH_ROOT)):
+                if cand in alpha:
+                    key = cand
+                    break
+        if key is None:
+            raise UserError(f"no alpha given for LoRA module {module!r}")
+        return float(alpha[key])
+    return float(alpha)
+
+
+def peft_to_kohya(
+    unet_sd: Mapping[str, "torch.Tensor"] | None,
+    te_sd: Mapping[str, "torch.Tensor"] | None = None,
+    *,
+    unet_alpha: float | Mapping[str, float] | None = None,
+    te_alpha: float | Mapping[str, float] | None = None,
+) -> dict[str, "torch.Tensor"]:
+    """peft state dicts -> kohya tensors (``lora_down``/``lora_up`` unchanged, plus a 0-d ``alpha``).
+
+    ``*_alpha``: one alpha for every module, or ``{peft module path: alpha}`` (e.g.
+    :func:`.lora_targets.module_alphas`), or None for alpha = rank (scale 1). The rank of each
+    module is read from its tensors. Tensors are not copied or cast; :func:`save_kohya_lora` casts."""
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    for part, sd, alpha in (("unet", unet_sd, unet_alpha), ("text_encoder", te_sd, te_alpha)):
+        if not sd:
+            continue
+        what = "UNet" if part == "unet" else "text-encoder"
+        for module, ab in _group_peft(sd, what).items():
+            name = kohya_module_name(module, part)  # type: ignore[arg-type]
+            if name + "." + DOWN in out:
+                raise UserError(f"two {what} LoRA modules map to the same kohya name {name!r}")
+            rank = int(ab["A"].shape[0])
+            out[f"{name}.{DOWN}"] = ab["A"].detach()
+            out[f"{name}.{UP}"] = ab["B"].detach()
+            out[f"{name}.{ALPHA}"] = torch.tensor(_alpha_for(module, rank, alpha, part), dtype=torch.float32)  # type: ignore[arg-type]
+    if not out:
+        raise UserError("the LoRA is empty: no UNet or text-encoder adapter weights to save")
+    return out
+
+
+@dataclass
+class PeftLora:
+    """A kohya file read back into peft terms, ready for ``set_peft_model_state_dict``."""
+
+    unet: dict[str, "torch.Tensor"] = field(default_factory=dict)
+    text_encoder: dict[str, "torch.Tensor"] = field(default_factory=dict)
+    unet_alphas: dict[str, float] = field(default_factory=dict)  # peft module path -> true alpha
+    text_encoder_alphas: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def unet_ranks(self) -> dict[str, int]:
+        return _ranks(self.unet)
+
+    @property
+    def text_encoder_ranks(self) -> dict[str, int]:
+        return _ranks(self.text_encoder)
+
+
+def _ranks(sd: Mapping[str, "torch.Tensor"]) -> dict[str, int]:
+    return {k[: -len(".lora_A.weight")]: int(v.shape[0]) for k, v in sd.items() if k.endswith(".lora_A.weight")}
+
+
+def _group_kohya(tensors: Mapping[str, "torch.Tensor"], source: str) -> dict[str, dict[str, "torch.Tensor"]]:
+    """``{kohya module name: {"lora_down.weight": .., "lora_up.weight": .., "alpha"?: ..}}``, validated."""
+    modules: dict[str, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        name, _, suffix = key.partition(".")
+        if suffix not in KOHYA_SUFFIXES:
+            kind = "LyCORIS/LoHa/LoKr" if any(s in suffix for s in ("hada_", "lokr_", "lora_mid")) else "unsupported"
+            raise UserError(f"{source}: {kind} key {key!r}; only plain kohya LoRA (lora_down/lora_up/alpha) is supported")
+        if name.startswith("lora_te2_"):
+            raise UserError(f"{source}: an SDXL LoRA (key {key!r}); FaceDiffuser trains and reads SD1.x/SD2.x LoRAs")
+        if not name.startswith((UNET_PREFIX,) + TE_READ_PREFIXES):
+            raise UserError(f"{source}: key {key!r} is not a kohya LoRA key (lora_unet_/lora_te_)")
+        modules.setdefault(name, {})[suffix] = tensor
+    for name, parts in modules.items():
+        if DOWN not in parts or UP not in parts:
+            raise UserError(f"{source}: LoRA module {name!r} lacks its {UP if DOWN in parts else DOWN}")
+        down, up = parts[DOWN], parts[UP]
+        if down.dim() not in (2, 4) or up.dim() != down.dim() or up.shape[1] != down.shape[0]:
+            raise UserError(f"{source}: LoRA module {name!r} has mismatched shapes lora_down {tuple(down.shape)} / lora_up {tuple(up.shape)}")
+        if ALPHA in parts and parts[ALPHA].numel() != 1:
+            raise UserError(f"{source}: LoRA module {name!r} has a non-scalar alpha of shape {tuple(parts[ALPHA].shape)}")
+    return modules
+
+
+def _alpha_value(parts: Mapping[str, "torch.Tensor"]) -> float:
+    """kohya: missing (or zero) alpha means alpha = rank."""
+    rank = int(parts[DOWN].shape[0])
+    if ALPHA not in parts:
+        return float(rank)
+    value = float(parts[ALPHA].float().item())
+    return value if value != 0.0 else float(rank)
+
+
+def kohya_to_peft(tensors: Mapping[str, "torch.Tensor"], *, te_text_model: bool = False,
+                  source: str = "LoRA") -> PeftLora:
+    """kohya tensors -> :class:`PeftLora` (for continuing training from a file, ours or kohya's).
+
+    ``te_text_model``: spell text-encoder paths with ``text_model.`` (transformers 4 module
+    names); the default matches transformers 5. Rebuild the matching ``LoraConfig`` with
+    :func:`.lora_targets.lora_config_from_modules` (ranks and alphas per module)."""
+    out = PeftLora()
+    for name, parts in _group_kohya(tensors, source).items():
+        part, module = parse_kohya_module_name(name, te_text_model=te_text_model)
+        sd, alphas = (out.unet, out.unet_alphas) if part == "unet" else (out.text_encoder, out.text_encoder_alphas)
+        if module in alphas:
+            raise UserError(f"{source}: LoRA module {module!r} appears twice (lora_te_ and lora_te1_?)")
+        sd[f"{module}.lora_A.weight"] = parts[DOWN]
+        sd[f"{module}.lora_B.weight"] = parts[UP]
+        alphas[module] = _alpha_value(parts)
+    return out
+
+
+def kohya_delta_weights(tensors: Mapping[str, "torch.Tensor"], multiplier: float = 1.0) -> dict[str, "torch.Tensor"]:
+    """``{kohya module name: ΔW}`` in float32, ``ΔW = multiplier · alpha/r · up @ down``, shaped like the
+    target weight (``[out, in]`` or ``[out, in, kh, kw]``): what A1111/ComfyUI/kohya merge."""
+    out = {}
+    for name, parts in _group_kohya(tensors, "LoRA").items():
+        down, up = parts[DOWN].float(), parts[UP].float()
+        rank = down.shape[0]
+        delta = (up.flatten(1) @ down.flatten(1)) * (multiplier * _alpha_value(parts) / rank)
+        out[name] = delta.reshape((up.shape[0],) + tuple(down.shape[1:]))
+    return out
+
+
+# --- metadata -------------------------------------------------------------------------------------
+
+def image_digest(image: str | os.PathLike[str] | bytes) -> str:
+    """The per-image digest stored in the file: sha256 of the file's bytes, first 16 hex digits."""
+    data = image if isinstance(image, bytes) else Path(image).read_bytes()
+    return hashlib.sha256(data).hexdigest()[:IMAGE_DIGEST_HEX]
+
+
+def training_image_digests(metadata: Mapping[str, str]) -> frozenset[str] | None:
+    """The training set's image digests from a LoRA's metadata, or None if the file does not say
+    (not ours, or written without it): the evaluator must then not claim the sets are disjoint."""
+    raw = metadata.get(META_TRAIN_IMAGES)
+    if raw is None:
+        return None
+    try:
+        digests = json.loads(raw)
+    except json.JSONDecodeError:
+        raise UserError(f"LoRA metadata {META_TRAIN_IMAGES} is not valid JSON") from None
+    if not isinstance(digests, list) or not all(isinstance(d, str) for d in digests):
+        raise UserError(f"LoRA metadata {META_TRAIN_IMAGES} is not a JSON list of digests")
+    return frozenset(digests)
+
+
+def is_training_image(metadata: Mapping[str, str], image: str | os.PathLike[str] | bytes) -> bool | None:
+    """Whether this exact image file was in the LoRA's training set (None: the file does not record it)."""
+    digests = training_image_digests(metadata)
+    return None if digests is None else image_digest(image) in digests
+
+
+def tag_frequency(captions: Iterable[str]) -> dict[str, int]:
+    """kohya's tag count: captions split at ',', stripped, lower-cased, empty tags dropped."""
+    counts: Counter[str] = Counter()
+    for caption in captions:
+        for tag in caption.split(","):
+            tag = tag.strip().lower()
+            if tag:
+                counts[tag] += 1
+    return dict(counts)
+
+
+def base_model_version(*, v2: bool, v_prediction: bool) -> str:
+    """kohya's ``ss_base_model_version``: sd_v1, sd_v1_v, sd_v2, sd_v2_v."""
+    return ("sd_v2" if v2 else "sd_v1") + ("_v" if v_prediction else "")
+
+
+def _architecture(v2: bool, v_prediction: bool) -> str:
+    if not v2:
+        return "stable-diffusion-v1/lora"
+    return ("stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512") + "/lora"
+
+
+def _optimizer_text(config: "TrainConfig") -> str:
+    cls = {"adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit"}.get(config.optimizer, config.optimizer)
+    return f"{cls}(weight_decay={config.weight_decay})"
+
+
+def _opt_str(value: Any) -> str:
+    """kohya writes unset options as "None"; our zeros mean the same."""
+    return "None" if value is None or value == 0 else str(value)
+
+
+def build_metadata(
+    config: "TrainConfig",
+    *,
+    image_files: Sequence[str | os.PathLike[str]],
+    captions: Sequence[str],
+    steps_done: int,
+    max_train_steps: int,
+    epoch: int,
+    num_epochs: int,
+    started_at: float,
+    finished_at: float | None = None,
+    v2: bool = False,
+    v_prediction: bool = False,
+    clip_skip: int | None = None,
+    base_model_sha256: str | None = None,
+    image_digests: Sequence[str] | None = None,
+    num_processes: int = 1,
+) -> dict[str, str]:
+    """The file's metadata, every value a string: kohya's ``ss_*`` keys (what A1111 shows and uses
+    for its alias and version filter), ``modelspec.*`` (SAI model spec 1.0.1), and ours
+    (``facediffuser_*``: trigger word, training-image digests for the evaluator's overlap guard).
+
+    ``image_files``/``captions``: the training images and the caption each was trained with.
+    ``image_digests``: their :func:`image_digest`, if already known (else the files are read).
+    ``sshs_*`` hashes are not here: :func:`save_kohya_lora` computes them from the final tensors."""
+    if len(captions) != len(image_files):
+        raise ValueError(f"{len(image_files)} image files but {len(captions)} captions")
+    digests = list(image_digests) if image_digests is not None else [image_digest(p) for p in image_files]
+    if len(digests) != len(image_files):
+        raise ValueError(f"{len(image_files)} image files but {len(digests)} digests")
+    n = len(image_files)
+    output_name = Path(config.output).stem
+    data_dir = Path(config.data).name or str(config.data)
+    res = int(config.resolution)
+    te_lr = (config.text_encoder_lr if config.text_encoder_lr is not None else config.lr) if config.train_text_encoder else None
+    when = finished_at if finished_at is not None else started_at
+    meta: dict[str, Any] = {
+        # the network
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": config.rank,
+        "ss_network_alpha": config.effective_alpha,
+        "ss_network_dropout": _opt_str(config.lora_dropout),
+        "ss_base_model_version": base_model_version(v2=v2, v_prediction=v_prediction),
+        "ss_v2": v2,
+        "ss_output_name": output_name,
+        # the base model
+        "ss_sd_model_name": Path(config.model).name,
+        "ss_clip_skip": clip_skip,
+        "ss_max_token_length": None,
+        # the data
+        "ss_num_train_images": n,
+        "ss_num_reg_images": 0,
+        "ss_num_batches_per_epoch": math.ceil(n / max(1, config.batch_size * num_processes)),
+        "ss_resolution": (res, res),
+        "ss_tag_frequency": json.dumps({data_dir: tag_frequency(captions)}, ensure_ascii=False),
+        "ss_dataset_dirs": json.dumps({data_dir: {"n_repeats": 1, "img_count": n}}, ensure_ascii=False),
+        "ss_reg_dataset_dirs": json.dumps({}),
+        "ss_bucket_info": json.dumps({"buckets": {"0": {"resolution": [res, res], "count": n}}, "mean_img_ar_error": 0.0}),
+        "ss_enable_bucket": False,
+        "ss_cache_latents": not config.no_cache,
+        "ss_flip_aug": config.flip,
+        "ss_color_aug": False,
+        "ss_random_crop": False,
+        "ss_shuffle_caption": config.shuffle_tags,
+        "ss_keep_tokens": config.keep_tokens,
+        "ss_caption_dropout_rate": config.caption_dropout,
+        "ss_caption_dropout_every_n_epochs": 0,
+        "ss_caption_tag_dropout_rate": 0.0,
+        # the schedule
+        "ss_learning_rate": config.lr,
+        "ss_unet_lr": config.lr,
+        "ss_text_encoder_lr": te_lr,
+        "ss_optimizer": _optimizer_text(config),
+        "ss_lr_scheduler": config.lr_scheduler,
+        "ss_lr_warmup_steps": config.lr_warmup_steps,
+        "ss_max_grad_norm": config.max_grad_norm,
+        "ss_batch_size_per_device": config.batch_size,
+        "ss_total_batch_size": config.batch_size * config.grad_accum * num_processes,
+        "ss_gradient_accumulation_steps": config.grad_accum,
+        "ss_gradient_checkpointing": config.gradient_checkpointing,
+        "ss_mixed_precision": config.mixed_precision,
+        "ss_full_fp16": False,
+        "ss_lowram": False,
+        "ss_seed": config.seed,
+        "ss_max_train_steps": max_train_steps,
+        "ss_steps": steps_done,
+        "ss_epoch": epoch,
+        "ss_num_epochs": num_epochs,
+        "ss_training_started_at": started_at,
+        # the loss
+        "ss_noise_offset": _opt_str(config.noise_offset),
+        "ss_min_snr_gamma": config.min_snr_gamma,
+        # the SAI model spec
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": _architecture(v2, v_prediction),
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": output_name,
+        "modelspec.date": datetime.datetime.fromtimestamp(when, datetime.timezone.utc).replace(microsecond=0).isoformat(),
+        "modelspec.resolution": f"{res}x{res}",
+        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
+        # ours
+        META_TRAIN_IMAGES: json.dumps(sorted(set(digests))),
+        META_TRAIN_IMAGES_SCHEME: IMAGE_DIGEST_SCHEME,
+        "facediffuser_face_loss_weight": config.face_loss_weight,
+    }
+    if config.conv_rank > 0:  # kohya writes --network_args values as the strings the user typed
+        meta["ss_network_args"] = json.dumps({"conv_dim": str(config.conv_rank), "conv_alpha": str(config.effective_conv_alpha)})
+    if finished_at is not None:
+        meta["ss_training_finished_at"] = finished_at
+    if base_model_sha256:
+        meta["ss_new_sd_model_hash"] = base_model_sha256
+    if clip_skip is not None:
+        meta["modelspec.encoder_layer"] = clip_skip
+    if config.trigger:
+        meta["modelspec.trigger_phrase"] = config.trigger
+        meta[META_TRIGGER] = config.trigger
+    return {k: v if isinstance(v, str) else str(v) for k, v in meta.items()}
+
+
+# --- files --------------------------------------------------------------------------------------
+
+_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "float16": "float16", "bfloat16": "bfloat16", "float32": "float32"}
+
+
+def _data_section(blob: bytes) -> bytes:
+    """The bytes after a safetensors header: 8-byte little-endian length n, n header bytes, data."""
+    n = int.from_bytes(blob[:8], "little")
+    return blob[8 + n:]
+
+
+def safetensors_hashes(tensors: Mapping[str, "torch.Tensor"], metadata: Mapping[str, str]) -> tuple[str, str]:
+    """kohya's ``(sshs_model_hash, sshs_legacy_hash)`` (sd-scripts ``precalculate_safetensors_hashes``):
+    serialise with the ``ss_*`` metadata only; the model hash is the sha256 of the data section
+    (so it also matches the final file, whose header differs), the legacy hash the first 8 hex of
+    the sha256 of bytes 0x100000..0x110000 of that serialisation (header included, so it does not)."""
+    from safetensors.torch import save
+
+    blob = save(dict(tensors), metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
+    model_hash = hashlib.sha256(_data_section(blob)).hexdigest()
+    legacy_hash = hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def save_kohya_lora(path: str | os.PathLike[str], tensors: Mapping[str, "torch.Tensor"], metadata: Mapping[str, str],
+                    dtype: "str | torch.dtype" = "fp16") -> dict[str, str]:
+    """Write a kohya LoRA atomically (``<name>.tmp-<pid>`` then ``os.replace``) and return the metadata written.
+
+    ``lora_down``/``lora_up`` are cast to ``dtype`` (fp16/bf16/fp32); ``alpha`` stays float32 so the
+    true alpha survives (loaders read it with ``.item()``). ``sshs_model_hash`` and
+    ``sshs_legacy_hash`` are added, computed as sd-scripts does."""
+    import torch
+    from safetensors.torch import save
+
+    bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"safetensors metadata values must be strings: {bad[:5]}")
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise UserError(f"save precision must be one of fp16, bf16, fp32 (got {dtype!r})")
+        dtype = getattr(torch, _DTYPES[dtype])
+    _group_kohya(tensors, "LoRA to save")  # refuse to write something no loader accepts
+    out = {k: (v.detach().to("cpu", torch.float32) if k.endswith("." + ALPHA) else v.detach().to("cpu", dtype)).contiguous()
+           for k, v in tensors.items()}
+    meta = dict(metadata)
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = safetensors_hashes(out, meta)
+    blob = save(out, metadata=meta)
+    if hashlib.sha256(_data_section(blob)).hexdigest() != meta["sshs_model_hash"]:  # the header must not move data
+        raise AssertionError("sshs_model_hash does not match the data written")
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(blob)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return meta
+
+
+def load_kohya_lora(path: str | os.PathLike[str]) -> tuple[dict[str, "torch.Tensor"], dict[str, str]]:
+    """Read a kohya LoRA: ``(tensors, metadata)``, tensors as stored (use :func:`kohya_to_peft` or
+    :func:`kohya_delta_weights`). Anything that is not one raises a one-line :class:`UserError`."""
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"LoRA file not found: {p}")
+    if p.suffix.lower() != ".safetensors":
+        raise UserError(f"{p.name}: LoRA files must be .safetensors (got {p.suffix or 'no extension'})")
+    try:
+        with safe_open(str(p), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+            keys = list(fh.keys())
+            if not any(k.startswith((UNET_PREFIX,) + TE_READ_PREFIXES + ("lora_te2_",)) for k in keys):
+                hint = " (it looks like a full model checkpoint)" if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in keys) else ""
+                raise UserError(f"{p.name} is not a kohya LoRA: it has no lora_unet_/lora_te_ keys{hint}")
+            tensors = {k: fh.get_tensor(k) for k in keys}
+    except (SafetensorError, OSError, ValueError) as exc:
+        if isinstance(exc, UserError):
+            raise
+        raise UserError(f"{p.name} is not a readable safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    _group_kohya(tensors, p.name)
+    return tensors, metadata
