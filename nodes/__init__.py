@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-_NODE_MODULES: list[str] = []
+_NODE_MODULES: list[str] = ["lora_nodes", "train_nodes", "fid_nodes"]
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}

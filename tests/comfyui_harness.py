@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,7 +39,8 @@ PACK_NAME = "facediffuser_pack"
 PROBE_PACK_NAME = "facediffuser_test_probe"
 
 # Folders ComfyUI knows in every version we run; the yaml maps each to models/<name> under the base dir.
-MODEL_FOLDERS = ("checkpoints", "loras", "vae", "embeddings", "clip", "unet", "upscale_models", "configs")
+MODEL_FOLDERS = ("checkpoints", "loras", "vae", "embeddings", "clip", "unet", "upscale_models", "configs",
+                 "fid_stats", "inception")
 
 # A tiny test-only pack (our code, written at test time): an output node reporting what ComfyUI
 # detected for a MODEL/CLIP/VAE, so tests can assert the detected model class exactly instead of
@@ -225,10 +227,38 @@ class ComfyServer:
             if self.pack_path.is_symlink() or self.pack_path.exists():
                 self.pack_path.unlink()
             self.pack_path.symlink_to(self.pack_dir, target_is_directory=True)
+        if not self._has_flag("--base-directory"):
+            self._private_tree()
         if self.probe_nodes:
             probe = self.custom_nodes_dir / PROBE_PACK_NAME
             probe.mkdir(exist_ok=True)
             (probe / "__init__.py").write_text(PROBE_PACK_SOURCE)
+
+    @property
+    def run_dir(self) -> Path:
+        """The folder main.py runs from: old ComfyUI (no --base-directory) gets a private tree."""
+        return self.comfy_dir if self._has_flag("--base-directory") else self.base_dir / "comfyui"
+
+    def _private_tree(self) -> None:
+        """Old ComfyUI puts its *first* model folders (where nodes save, e.g. a trained LoRA) under
+        the folder holding folder_paths.py. So this server runs from its own tree: top-level .py
+        files copied (they locate that folder with realpath), sub-folders linked, and models/
+        linked to this server's models folder -- nothing is written into the shared cached copy."""
+        run = self.run_dir
+        run.mkdir(exist_ok=True)
+        for entry in self.comfy_dir.iterdir():
+            target = run / entry.name
+            if target.is_symlink() or target.exists():
+                continue
+            if entry.name in ("models", "input", "output", "user", "temp"):
+                continue
+            if entry.is_file() and entry.suffix == ".py":
+                shutil.copy2(entry, target)
+            else:
+                target.symlink_to(entry, target_is_directory=entry.is_dir())
+        models = run / "models"
+        if not models.exists():
+            models.symlink_to(self.models_dir, target_is_directory=True)
 
     def _write_paths_yaml(self, custom_nodes_in_yaml: bool) -> Path:
         """--extra-model-paths-config: every model folder (and, for old ComfyUI, custom_nodes) here.
@@ -306,7 +336,7 @@ class ComfyServer:
             self._log_file = open(self.log_path, "ab")
             t0 = time.monotonic()
             self.proc = subprocess.Popen(
-                self.command(), cwd=self.comfy_dir, env=self._env(), stdin=subprocess.DEVNULL,
+                self.command(), cwd=self.run_dir, env=self._env(), stdin=subprocess.DEVNULL,
                 stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 self._wait_ready()

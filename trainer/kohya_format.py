@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import UserError
+from .safetensors_io import atomic_write_bytes, canonicalize, split_blob
 
 if TYPE_CHECKING:  # torch/safetensors are imported inside functions (docs/internals.md)
     import torch
@@ -465,9 +466,7 @@ _DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "float16": 
 
 
 def _data_section(blob: bytes) -> bytes:
-    """The bytes after a safetensors header: 8-byte little-endian length n, n header bytes, data."""
-    n = int.from_bytes(blob[:8], "little")
-    return blob[8 + n:]
+    return split_blob(blob)[1]
 
 
 def safetensors_hashes(tensors: Mapping[str, "torch.Tensor"], metadata: Mapping[str, str]) -> tuple[str, str]:
@@ -505,22 +504,10 @@ def save_kohya_lora(path: str | os.PathLike[str], tensors: Mapping[str, "torch.T
            for k, v in tensors.items()}
     meta = dict(metadata)
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = safetensors_hashes(out, meta)
-    blob = save(out, metadata=meta)
+    blob = canonicalize(save(out, metadata=meta))  # same tensors + metadata -> same bytes, in any process
     if hashlib.sha256(_data_section(blob)).hexdigest() != meta["sshs_model_hash"]:  # the header must not move data
         raise AssertionError("sshs_model_hash does not match the data written")
-
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, blob)
     return meta
 
 

@@ -25,6 +25,7 @@ import torch
 
 from ..errors import UserError
 from . import checkpoint_layout as layout
+from .safetensors_io import encode_header
 
 ARCHS = ("sd15", "sd2", "sd2-v")
 SIZES = ("full", "tiny")
@@ -258,11 +259,8 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         nbytes = t.numel() * t.element_size()
         header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
     with path.open("wb") as fh:
-        fh.write(len(raw).to_bytes(8, "little"))
-        fh.write(raw)
+        fh.write(encode_header(header))
         for name in names:
             t = tensors[name].contiguous()
             fh.write(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")

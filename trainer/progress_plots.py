@@ -1,0 +1,108 @@
+"""Pictures of a training run: the loss curve and the sample grids.
+
+Both are written atomically (a temp file in the same folder, then ``os.replace``), so a viewer that
+watches the folder, or a crash mid-write, never sees half a PNG. matplotlib is used with the Agg
+backend only (no display needed) and imported inside the function: the CLI stays fast to start.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
+    """TensorBoard-style exponential smoothing with bias correction (the first points are not
+    dragged towards zero). Non-finite values are skipped (the line keeps its last value)."""
+    out: list[float] = []
+    avg, norm = 0.0, 0.0
+    for v in values:
+        if math.isfinite(v):
+            avg = weight * avg + (1.0 - weight) * v
+            norm = weight * norm + (1.0 - weight)
+        out.append(avg / norm if norm else float("nan"))
+    return out
+
+
+def save_loss_curve(losses: Sequence[float], path: str | Path, *, title: str = "training loss",
+                    start_step: int = 1) -> Path:
+    """Write a PNG of the per-step loss (faint) and its smoothed trend (bold). Returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, thread-safe enough
+
+    path = Path(path)
+    steps = list(range(start_step, start_step + len(losses)))
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    if losses:
+        ax.plot(steps, list(losses), color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
+        ax.plot(steps, smooth(losses), color="tab:blue", linewidth=2.0, label="smoothed")
+        finite = [v for v in losses if math.isfinite(v)]
+        if finite and min(finite) > 0 and max(finite) / min(finite) > 50:
+            ax.set_yscale("log")  # a few huge early losses would flatten the rest of the curve
+        ax.legend(loc="upper right")
+    else:
+        ax.text(0.5, 0.5, "no steps yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def image_grid(images: Sequence["Image.Image"], labels: Sequence[str] | None = None, *,
+               cols: int | None = None, label_height: int = 14) -> "Image.Image":
+    """Tile equal-sized images into one picture, each with an optional one-line label above it."""
+    from PIL import Image, ImageDraw
+
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    n = len(images)
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    w, h = images[0].size
+    lh = label_height if labels else 0
+    grid = Image.new("RGB", (cols * w, rows * (h + lh)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, img in enumerate(images):
+        x, y = (i % cols) * w, (i // cols) * (h + lh)
+        grid.paste(img.convert("RGB").resize((w, h)), (x, y + lh))
+        if labels:
+            text = labels[i]
+            max_chars = max(4, w // 6)
+            draw.text((x + 2, y + 1), text if len(text) <= max_chars else text[: max_chars - 1] + "…", fill="black")
+    return grid
+
+
+def save_sample_grid(images: Sequence["Image.Image"], path: str | Path, labels: Sequence[str] | None = None,
+                     *, cols: int | None = None) -> Path:
+    """Write the sample images of one step as a single PNG grid (atomically). Returns the path."""
+    path = Path(path)
+    grid = image_grid(images, labels, cols=cols)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        grid.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

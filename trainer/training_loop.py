@@ -1,0 +1,872 @@
+"""The training loop: ``train(config) -> TrainResult``.
+
+:func:`train` reads top to bottom — check, load, wrap, data, optimise, loop, save — and each stage
+is a function below it that does one thing. The parts worth knowing before changing anything:
+
+* **Timesteps** are drawn uniformly over the *full* training schedule (1000 steps for SD), with the
+  checkpoint's own betas. (The seed project rebuilt the scheduler with 500 steps, which mislabels
+  every noise level and never trains the noisiest quarter.)
+* **Determinism.** Adapter init, data order, noise and timesteps are functions of ``config.seed``:
+  data order is a seeded permutation per epoch (no global RNG), noise and timesteps come from one
+  dedicated CPU ``torch.Generator`` per process, and flip / latent sampling / caption dropout from
+  a generator per (seed, epoch, image) (:func:`.caching.sample_generator`). Same seed, same settings -> the same file, bit for bit, on CPU.
+* **Resume.** A checkpoint (:mod:`.checkpointing`) holds adapter, optimizer, lr scheduler, EMA,
+  every RNG state, the step, the loss history and the run's start time. Resuming continues the
+  exact trajectory: a run killed with SIGKILL and resumed writes the same bytes as one that never
+  stopped.
+* **Timestamps.** The metadata's ``ss_training_started_at`` is stored in the state (a resumed run
+  reports when training really began); ``ss_training_finished_at`` is the export time. When the
+  environment sets ``SOURCE_DATE_EPOCH`` (the reproducible-builds convention) both are that value,
+  so two runs at different times give byte-identical files.
+* **Several processes** (``accelerate launch --multi_gpu --num_processes N``; gloo without CUDA): each rank trains on its own slice
+  of every batch, gradients are averaged by DDP, and only the main process writes files.
+* **Stopping.** ``callbacks.should_stop()`` is checked before every step: the run saves a checkpoint
+  at that step boundary, writes no LoRA, and returns ``status="cancelled"``. A non-finite loss stops
+  with :class:`NonFiniteLoss` before it can touch the weights; the last good checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+from ..errors import UserError
+from .config import TrainConfig
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+
+    from .dataset import DatasetScan
+
+
+# --- public types -----------------------------------------------------------------------------
+
+@dataclass
+class TrainCallbacks:
+    """Hooks for a front end (the ComfyUI node): progress, cancellation, fresh sample grids.
+
+    ``on_step(step, total, loss)`` after every optimizer step; ``should_stop()`` before every step;
+    ``on_sample(step, png_path)`` after each sample grid is written."""
+
+    on_step: Callable[[int, int, float], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    on_sample: Callable[[int, Path], None] | None = None
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. ``output`` is None unless ``status == "finished"``."""
+
+    status: Literal["finished", "cancelled"]
+    output: Path | None
+    steps: int  # optimizer steps done (including those before a resume)
+    total_steps: int
+    final_loss: float | None
+    losses: list[float]  # one per optimizer step, from step 1
+    loss_plot: Path | None = None
+    checkpoint: Path | None = None  # the last training-state folder (for --resume)
+    samples: list[Path] = field(default_factory=list)
+    seconds: float = 0.0  # wall time of this call
+    resumed_from: int = 0  # the step this call started at
+    is_main_process: bool = True
+
+    def summary(self) -> str:
+        loss = f"{self.final_loss:.4f}" if self.final_loss is not None else "n/a"
+        if self.status == "finished":
+            return f"wrote {self.output} ({self.steps} steps, final loss {loss}, {self.seconds:.1f}s)"
+        return (f"cancelled at step {self.steps}/{self.total_steps}: no LoRA written; "
+                f"training state kept in {self.checkpoint} (continue with --resume)")
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN/inf: training stops before the bad step touches the weights."""
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+def train(config: TrainConfig, *, callbacks: TrainCallbacks | None = None) -> TrainResult:
+    """Train a LoRA as ``config`` says and write it (kohya format) to ``config.output``."""
+    import torch
+
+    t0 = time.perf_counter()
+    callbacks = callbacks or TrainCallbacks()
+    config.validate()
+    scan = _check_dataset(config)  # before any model is loaded: bad data fails in a second
+    accelerator = _make_accelerator(config)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    resume_from = _find_resume_checkpoint(config, world)
+    if resume_from is None and accelerator.is_main_process:
+        _clear_finished_state(config)
+    accelerator.wait_for_everyone()
+    _seed_everything(config.seed)
+
+    models = _load_models(config, accelerator.device, _weight_dtype(config))
+    prediction_type = _prediction_type(config, models)
+    named = _add_lora_adapters(config, models)  # {"unet.<path>.lora_A.default.weight": param, ...}
+    params = list(named.values())
+    data = _build_training_data(config, scan, models, accelerator)
+    total_steps = _total_steps(config, len(data.images), world)
+    optimizer, lr_scheduler = _make_optimizer(config, named, total_steps)
+    ema = _make_ema(config, params)
+
+    if config.train_text_encoder:
+        models.unet, models.text_encoder, optimizer = accelerator.prepare(models.unet, models.text_encoder, optimizer)
+    else:
+        models.unet, optimizer = accelerator.prepare(models.unet, optimizer)
+
+    noise_gen = torch.Generator().manual_seed(_mix(config.seed, 1, rank))
+    run = _RunState(started_at=_now(), world=world)
+    if resume_from is not None:
+        _restore_checkpoint(resume_from, run, named, optimizer, lr_scheduler, ema, noise_gen, rank, accelerator)
+        _print_main(accelerator, f"resuming from {resume_from} (step {run.global_step}/{total_steps})")
+    start_step = run.global_step
+
+    _start_trackers(config, accelerator)
+    order = _BatchOrder(len(data.images), config.batch_size, config.seed, rank=rank, world=world)
+    batches = _batches(config, data, order, start=start_step * config.grad_accum)
+    progress = _progress_bar(accelerator, total_steps, start_step)
+    samples: list[Path] = []
+    status: Literal["finished", "cancelled"] = "finished"
+    models.unet.train()
+    if config.train_text_encoder:
+        models.text_encoder.train()
+
+    while run.global_step < total_steps:
+        if _should_stop(callbacks, accelerator):
+            status = "cancelled"
+            break
+        step_loss = 0.0
+        for _ in range(config.grad_accum):
+            batch = next(batches)
+            with accelerator.accumulate(*_trained(models, config)):
+                loss = _diffusion_loss(config, models, batch, noise_gen, prediction_type, accelerator.device)
+                mean_loss = float(accelerator.gather(loss.detach().reshape(1)).mean())
+                if not math.isfinite(mean_loss):
+                    _stop_non_finite(config, accelerator, run, mean_loss, progress)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += mean_loss / config.grad_accum
+        lr_scheduler.step()
+        if ema is not None:
+            ema.step(params)
+        run.global_step += 1
+        run.losses.append(step_loss)
+
+        progress.update(1)
+        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+        accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=run.global_step)
+        if callbacks.on_step is not None:
+            callbacks.on_step(run.global_step, total_steps, step_loss)
+        if config.sample_every and run.global_step % config.sample_every == 0 and run.global_step < total_steps:
+            samples += _write_samples(config, models, ema, params, accelerator, run.global_step, callbacks)
+        if config.save_every and run.global_step % config.save_every == 0 and run.global_step < total_steps:
+            run.last_checkpoint = _save_checkpoint(config, accelerator, run, named, optimizer, lr_scheduler, ema, noise_gen)
+    progress.close()
+
+    # The end: a final checkpoint (to extend later with --resume --steps N, or to resume a cancel),
+    # then, only when finished, the LoRA file, the loss curve and a last sample grid.
+    run.last_checkpoint = _save_checkpoint(config, accelerator, run, named, optimizer, lr_scheduler, ema, noise_gen,
+                                           finished=status == "finished")
+    output = loss_plot = None
+    if status == "finished":
+        if config.sample_every:
+            samples += _write_samples(config, models, ema, params, accelerator, run.global_step, callbacks)
+        output = _export_lora(config, accelerator, models, ema, params, data, run, total_steps, prediction_type)
+    if accelerator.is_main_process:
+        loss_plot = _write_loss_plot(config, run, finished=status == "finished")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(
+        status=status, output=output, steps=run.global_step, total_steps=total_steps,
+        final_loss=run.losses[-1] if run.losses else None, losses=list(run.losses), loss_plot=loss_plot,
+        checkpoint=run.last_checkpoint, samples=samples, seconds=time.perf_counter() - t0,
+        resumed_from=start_step, is_main_process=accelerator.is_main_process,
+    )
+
+
+# --- state of one run ---------------------------------------------------------------------------
+
+@dataclass
+class _RunState:
+    started_at: float
+    world: int
+    global_step: int = 0
+    losses: list[float] = field(default_factory=list)
+    last_checkpoint: Path | None = None
+
+
+def _now() -> float:
+    """Wall time, or ``SOURCE_DATE_EPOCH`` when set (reproducible builds: byte-identical files)."""
+    sde = os.environ.get("SOURCE_DATE_EPOCH")
+    if sde:
+        try:
+            return float(int(sde))
+        except ValueError:
+            raise UserError(f"SOURCE_DATE_EPOCH must be an integer (seconds since 1970), got {sde!r}") from None
+    return float(int(time.time()))
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from several integers (seed, purpose, rank, step ...), stable across runs."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = ((h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _print_main(accelerator: "Accelerator", message: str) -> None:
+    if accelerator.is_main_process:
+        print(f"facediffuser train: {message}", file=sys.stderr, flush=True)
+
+
+# --- stage: checks and set-up -----------------------------------------------------------------
+
+def _check_dataset(config: TrainConfig) -> "DatasetScan":
+    from .dataset import check_dataset
+
+    scan = check_dataset(config)
+    for line in scan.report_lines():
+        print(f"facediffuser train: {line}", file=sys.stderr)
+    return scan
+
+
+def _make_accelerator(config: TrainConfig) -> "Accelerator":
+    import torch
+    from accelerate import Accelerator
+
+    if config.mixed_precision != "no" and not torch.cuda.is_available():
+        raise UserError(f"--mixed-precision {config.mixed_precision} needs a GPU; use --mixed-precision no on CPU")
+    log_with = None
+    if config.logging_dir:
+        try:
+            import tensorboard  # noqa: F401
+            log_with = "tensorboard"
+        except ImportError:
+            print("facediffuser train: --logging-dir ignored: tensorboard is not installed (pip install tensorboard)", file=sys.stderr)
+    # Several processes without CUDA (``accelerate launch --multi_gpu --num_processes N`` or torchrun
+    # on a CPU machine): accelerate only forms a gloo (MULTI_CPU) group when told cpu=True.
+    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
+                       log_with=log_with, project_dir=config.logging_dir if log_with else None, cpu=cpu_ddp)
+
+
+def _weight_dtype(config: TrainConfig) -> "torch.dtype":
+    """The frozen base weights' dtype; the LoRA weights stay float32 (see _add_lora_adapters)."""
+    import torch
+
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+
+
+def _find_resume_checkpoint(config: TrainConfig, world: int) -> Path | None:
+    """The checkpoint to continue from, or None for a fresh run.
+
+    A fresh run refuses to start over an unfinished run's state (that would lose it); the state of a
+    finished run is replaced."""
+    from .checkpointing import latest_checkpoint, read_info
+
+    latest = latest_checkpoint(config.state_path)
+    if config.resume:
+        if latest is None:
+            raise UserError(f"--resume: no checkpoint in {config.state_path} (nothing to resume; drop --resume to start)")
+        info = read_info(latest)
+        _check_resume_compatible(config, info, world)
+        return latest
+    if latest is not None and not read_info(latest).get("finished"):
+        raise UserError(f"{config.state_path} holds an unfinished run (step {read_info(latest).get('global_step')}): "
+                        "pass --resume to continue it, or delete that folder to start over")
+    return None
+
+
+def _clear_finished_state(config: TrainConfig) -> None:
+    """A fresh run over a finished run's state: drop the old checkpoints, so that "the newest" and
+    the keep-two rotation only ever see this run's."""
+    import shutil
+
+    from .checkpointing import checkpoint_dirs
+
+    for old in checkpoint_dirs(config.state_path):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# Settings that may change between a run and its resume without changing what was trained so far.
+_RESUMABLE_CHANGES = frozenset({
+    "steps", "epochs", "resume", "save_every", "sample_prompts", "sample_every", "sample_steps",
+    "logging_dir", "output", "state_dir", "cache_dir", "dataloader_workers", "save_precision", "no_cache",
+})
+
+
+def _check_resume_compatible(config: TrainConfig, info: dict[str, Any], world: int) -> None:
+    saved = info.get("config", {})
+    now = config.to_dict()
+    changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and k in saved and saved[k] != now[k])
+    if changed:
+        details = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed[:4])
+        raise UserError(f"--resume: settings differ from the checkpoint's ({details}); use the same settings or start a new run")
+    if int(info.get("num_processes", 1)) != world:
+        raise UserError(f"--resume: the checkpoint was made with {info.get('num_processes')} process(es), "
+                        f"this run has {world}; resume with the same number")
+
+
+def _total_steps(config: TrainConfig, n_images: int, world: int) -> int:
+    """--steps, or enough optimizer steps to see every image ``--epochs`` times."""
+    if config.epochs is None:
+        return config.steps
+    per_step = config.batch_size * config.grad_accum * world
+    return max(1, math.ceil(config.epochs * n_images / per_step))
+
+
+# --- stage: models and adapters -----------------------------------------------------------------
+
+def _load_models(config: TrainConfig, device: "torch.device", dtype: "torch.dtype") -> Any:
+    """All components; the VAE stays float32 (fp16 VAEs overflow into black images)."""
+    import torch
+
+    from .model_loading import load_components
+
+    models = load_components(config.model, dtype=dtype, device=device)
+    if models.vae.dtype != torch.float32:
+        models.vae.to(dtype=torch.float32)
+    for m in (models.unet, models.vae, models.text_encoder):
+        m.requires_grad_(False)
+    models.vae.eval()
+    models.text_encoder.eval()
+    return models
+
+
+def _prediction_type(config: TrainConfig, models: Any) -> str:
+    return models.prediction_type if config.prediction_type == "auto" else config.prediction_type
+
+
+def _add_lora_adapters(config: TrainConfig, models: Any) -> dict[str, "torch.nn.Parameter"]:
+    """Freeze the base, add kohya's LoRA set (UNet, and the text encoder if asked) with a seeded
+    init, or the adapter of ``--init-lora``. Returns the trainable (float32) parameters by name,
+    ``unet.<module>...`` / ``text_encoder.<module>...``, in model order (the optimizer's order)."""
+    import torch
+    from diffusers.training_utils import cast_training_params
+
+    from . import lora_targets
+
+    init = _read_init_lora(config) if config.init_lora else None
+    torch.manual_seed(_mix(config.seed, 2))  # the adapter init, independent of what ran before
+    if init is None:
+        unet_cfg = lora_targets.unet_lora_config(models.unet, rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout,
+                                                 conv_rank=config.conv_rank, conv_alpha=config.conv_alpha)
+    else:
+        unet_cfg = lora_targets.lora_config_from_modules(init.unet_ranks, init.unet_alphas, dropout=config.lora_dropout)
+    models.unet.add_adapter(unet_cfg)
+    trained = [models.unet]
+    if config.train_text_encoder:
+        if init is None or not init.text_encoder:
+            te_cfg = lora_targets.text_encoder_lora_config(models.text_encoder, rank=config.rank, alpha=config.alpha,
+                                                           dropout=config.lora_dropout)
+        else:
+            te_cfg = lora_targets.lora_config_from_modules(init.text_encoder_ranks, init.text_encoder_alphas,
+                                                           dropout=config.lora_dropout)
+        _inject(models.text_encoder, te_cfg)
+        trained.append(models.text_encoder)
+    if init is not None:
+        _load_init_weights(config, models, init)
+    cast_training_params(trained, dtype=torch.float32)
+    if config.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        if config.train_text_encoder:
+            models.text_encoder.gradient_checkpointing_enable()
+    named = {f"{prefix}.{name}": p for prefix, m in zip(("unet", "text_encoder"), trained)
+             for name, p in m.named_parameters() if p.requires_grad}
+    if not named:
+        raise UserError("no trainable LoRA parameters: the adapter targets no module of this model")
+    return named
+
+
+def _inject(model: "torch.nn.Module", lora_config: Any) -> None:
+    """Add a peft LoRA adapter in place (the model keeps its class, so pipelines still take it)."""
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(lora_config, model, adapter_name="default")
+
+
+def _read_init_lora(config: TrainConfig) -> Any:
+    from .kohya_format import kohya_to_peft, load_kohya_lora
+
+    tensors, _ = load_kohya_lora(config.init_lora)
+    init = kohya_to_peft(tensors, source=Path(config.init_lora).name)
+    if not init.unet:
+        raise UserError(f"--init-lora {config.init_lora}: it has no UNet modules")
+    if init.text_encoder and not config.train_text_encoder:
+        print("facediffuser train: --init-lora has text-encoder modules; they are not trained (no --train-text-encoder) and not saved",
+              file=sys.stderr)
+    return init
+
+
+def _load_init_weights(config: TrainConfig, models: Any, init: Any) -> None:
+    from peft import set_peft_model_state_dict
+
+    for model, sd, what in ((models.unet, init.unet, "UNet"),
+                            (models.text_encoder, init.text_encoder if config.train_text_encoder else {}, "text-encoder")):
+        if not sd:
+            continue
+        result = set_peft_model_state_dict(model, sd, adapter_name="default")
+        missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if missing:
+            raise UserError(f"--init-lora {config.init_lora}: {len(missing)} {what} module(s) do not exist in this model, e.g. {missing[0]}")
+
+
+def _trained(models: Any, config: TrainConfig) -> tuple:
+    return (models.unet, models.text_encoder) if config.train_text_encoder else (models.unet,)
+
+
+# --- stage: data --------------------------------------------------------------------------------
+
+class _BatchOrder:
+    """Which images micro-batch ``m`` of rank ``r`` trains on: a function of (seed, m, r) only.
+
+    The images form one stream, epoch after epoch, each epoch a seeded permutation; micro-batch
+    ``m`` takes ``world`` consecutive slices of ``batch_size``, one per rank. No sampler state, so a
+    resume needs nothing but the step number."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, *, rank: int = 0, world: int = 1) -> None:
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        import torch
+
+        if epoch not in self._perms:
+            if len(self._perms) > 4:
+                self._perms.clear()
+            g = torch.Generator().manual_seed(_mix(self.seed, 3, epoch))
+            self._perms[epoch] = torch.randperm(self.n, generator=g).tolist()
+        return self._perms[epoch]
+
+    def indices(self, m: int) -> list[tuple[int, int]]:
+        """``[(epoch, image index), ...]`` of micro-batch ``m`` on this rank."""
+        start = (m * self.world + self.rank) * self.batch_size
+        return [(p // self.n, self._perm(p // self.n)[p % self.n]) for p in range(start, start + self.batch_size)]
+
+    def iterate(self, start: int) -> Any:
+        """Micro-batches ``start, start+1, ...`` (a DataLoader ``batch_sampler``)."""
+        m = start
+        while True:
+            yield self.indices(m)
+            m += 1
+
+    def epoch(self, m: int) -> int:
+        """The (0-based) epoch micro-batch ``m`` ends in."""
+        return ((m + 1) * self.world * self.batch_size - 1) // self.n
+
+
+def _build_training_data(config: TrainConfig, scan: "DatasetScan", models: Any, accelerator: "Accelerator") -> Any:
+    """Latents (cached unless --no-cache) and text conditioning (cached unless the text encoder
+    trains or tags are shuffled): :func:`.caching.build_train_data`. Rank 0 fills the caches first,
+    the other ranks then read them."""
+    from .caching import build_train_data
+
+    with accelerator.main_process_first():
+        data = build_train_data(config, scan, vae=models.vae, text_encoder=models.text_encoder,
+                                tokenizer=models.tokenizer, progress=accelerator.is_main_process)
+    for line in data.skipped:
+        _print_main(accelerator, f"skipped {line}")
+    return data
+
+
+class _EpochView:
+    """The dataset addressed by ``(epoch, index)``: each sample's random choices (flip, latent
+    noise, caption dropout) are a function of (seed, epoch, index), wherever the batch falls."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
+        self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
+def _batches(config: TrainConfig, data: Any, order: _BatchOrder, start: int) -> Any:
+    """An endless iterator of collated batches from micro-batch ``start`` on (DataLoader workers
+    when asked). Its own generator: creating it never draws from the global RNG."""
+    import torch
+
+    from .caching import collate_samples
+
+    loader = torch.utils.data.DataLoader(
+        _EpochView(data.dataset), batch_sampler=order.iterate(start), num_workers=config.dataloader_workers,
+        collate_fn=collate_samples, generator=torch.Generator().manual_seed(_mix(config.seed, 5, start)),
+        persistent_workers=False,
+    )
+    return iter(loader)
+
+
+def _conditioning(config: TrainConfig, models: Any, batch: dict[str, Any], device: "torch.device") -> "torch.Tensor":
+    """Cached text-encoder states, or the text encoder run now (with gradients when it trains)."""
+    import torch
+
+    from .caching import encode_text
+
+    if "encoder_hidden_states" in batch:
+        return batch["encoder_hidden_states"].to(device)
+    with nullcontext() if config.train_text_encoder else torch.no_grad():
+        return encode_text(models.text_encoder, batch["input_ids"].to(device))
+
+
+def _latents(models: Any, batch: dict[str, Any], device: "torch.device", gen: "torch.Generator") -> "torch.Tensor":
+    """Cached (already sampled and scaled) latents, or the VAE run now (--no-cache)."""
+    import torch
+
+    if "latents" in batch:
+        return batch["latents"].to(device)
+    vae = models.vae
+    with torch.no_grad():
+        dist = vae.encode(batch["pixel_values"].to(device=device, dtype=next(vae.parameters()).dtype)).latent_dist
+        eps = torch.randn(dist.mean.shape, generator=gen, dtype=torch.float32).to(device)
+        z = dist.mean.float() + dist.std.float() * eps
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    return (z - shift) * float(vae.config.scaling_factor)
+
+
+# --- stage: optimisation ------------------------------------------------------------------------
+
+def _make_optimizer(config: TrainConfig, named: dict[str, "torch.nn.Parameter"], total_steps: int) -> tuple[Any, Any]:
+    """AdamW (or bitsandbytes AdamW8bit) with the UNet and text-encoder adapters as two groups,
+    and diffusers' lr schedule with linear warm-up."""
+    import torch
+    from diffusers.optimization import get_scheduler
+
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("--optimizer adamw8bit needs the bitsandbytes package (pip install bitsandbytes), or use --optimizer adamw") from None
+        opt_cls = bnb.optim.AdamW8bit
+    else:
+        opt_cls = torch.optim.AdamW
+    groups = [{"params": [p for k, p in named.items() if k.startswith("unet.")], "lr": config.lr}]
+    te = [p for k, p in named.items() if k.startswith("text_encoder.")]
+    if te:
+        groups.append({"params": te, "lr": config.text_encoder_lr if config.text_encoder_lr is not None else config.lr})
+    optimizer = opt_cls(groups, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
+                              num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+def _make_ema(config: TrainConfig, params: list["torch.nn.Parameter"]) -> Any:
+    """diffusers' EMAModel over the adapter parameters (it takes a parameter list, so peft's
+    injected LoRA weights fit as they are; no EMA class of our own is needed)."""
+    if config.ema is None:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(params, decay=config.ema)
+
+
+# --- stage: one step -----------------------------------------------------------------------------
+
+def _diffusion_loss(config: TrainConfig, models: Any, batch: dict[str, Any], gen: "torch.Generator",
+                    prediction_type: str, device: "torch.device") -> "torch.Tensor":
+    """Noise the latents at timesteps drawn uniformly over the full schedule, predict, and take the
+    MSE against epsilon or v — face-weighted when masks are present and the weight is not 1,
+    min-SNR-weighted when asked. Noise and timesteps come from ``gen`` (a CPU generator: the same
+    numbers on any device)."""
+    import torch
+    from diffusers.training_utils import compute_snr
+
+    from .face_align import face_weight_map, weighted_mse
+
+    scheduler = models.noise_scheduler
+    latents = _latents(models, batch, device, gen)
+    b, c = latents.shape[:2]
+    noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32)
+    if config.noise_offset:
+        noise = noise + config.noise_offset * torch.randn((b, c, 1, 1), generator=gen, dtype=torch.float32)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen)
+    noise, timesteps = noise.to(device), timesteps.to(device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise UserError(f"unsupported prediction type {prediction_type!r} (epsilon or v_prediction)")
+
+    cond = _conditioning(config, models, batch, device)
+    base_dtype = _frozen_dtype(models.unet)
+    pred = models.unet(noisy.to(base_dtype), timesteps, cond.to(base_dtype), return_dict=False)[0]
+
+    weight_map = None
+    if batch.get("face_mask") is not None and config.face_loss_weight != 1.0:
+        # normalised per sample: the face gets `weight`x the background's share at the same loss scale
+        weight_map = face_weight_map(batch["face_mask"].to(device), config.face_loss_weight, normalize=True)
+    per_sample = weighted_mse(pred.float(), target.float(), weight_map, reduction="per_sample")
+    if config.min_snr_gamma:
+        snr = compute_snr(scheduler, timesteps)
+        clipped = torch.clamp(snr, max=config.min_snr_gamma)
+        # Min-SNR-gamma (Hang et al. 2023): weight min(SNR, g)/SNR on the epsilon loss; the v loss
+        # already carries a factor (SNR+1), so there it is min(SNR, g)/(SNR+1).
+        per_sample = per_sample * (clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1))
+    return per_sample.mean()
+
+
+def _frozen_dtype(model: Any) -> "torch.dtype":
+    """The dtype of the frozen base weights (inputs are cast to it; the LoRA itself is float32)."""
+    import torch
+
+    for p in model.parameters():
+        if not p.requires_grad:
+            return p.dtype
+    return torch.float32
+
+
+def _should_stop(callbacks: TrainCallbacks, accelerator: "Accelerator") -> bool:
+    """The main process decides (the node runs there); the others follow, so no rank hangs."""
+    import torch
+
+    stop = bool(callbacks.should_stop and callbacks.should_stop())
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([1.0 if stop else 0.0], device=accelerator.device)
+        stop = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+    return stop
+
+
+def _stop_non_finite(config: TrainConfig, accelerator: "Accelerator", run: _RunState, value: float, progress: Any) -> None:
+    progress.close()
+    where = f"{run.last_checkpoint} (step {int(run.last_checkpoint.name.split('-')[-1])})" if run.last_checkpoint else "none saved yet"
+    raise NonFiniteLoss(
+        f"the loss became {value} at step {run.global_step + 1}: stopped before it reached the weights; "
+        f"no LoRA written; last good checkpoint: {where}. Try a lower --lr (now {config.lr:g}), "
+        f"--max-grad-norm 1, or --mixed-precision bf16 instead of fp16"
+    )
+
+
+# --- stage: saving ------------------------------------------------------------------------------
+
+def _save_checkpoint(config: TrainConfig, accelerator: "Accelerator", run: _RunState, named: dict, optimizer: Any,
+                     lr_scheduler: Any, ema: Any, noise_gen: "torch.Generator", *, finished: bool = False) -> Path:
+    """Gather every rank's RNG state; the main process writes the checkpoint; all agree on its path."""
+    from accelerate.utils import gather_object
+
+    from .checkpointing import capture_rng, save_checkpoint
+
+    rng = gather_object([capture_rng(noise_gen)]) if accelerator.num_processes > 1 else [capture_rng(noise_gen)]
+    path = config.state_path / f"step-{run.global_step:08d}"
+    if accelerator.is_main_process:
+        path = save_checkpoint(
+            config.state_path,
+            info={"global_step": run.global_step, "losses": run.losses, "started_at": run.started_at,
+                  "num_processes": run.world, "finished": finished, "config": config.to_dict()},
+            adapter=named,
+            optimizer=optimizer.state_dict(),
+            scheduler=lr_scheduler.state_dict(),
+            ema=ema.state_dict() if ema is not None else None,
+            rng=rng,
+        )
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _restore_checkpoint(path: Path, run: _RunState, named: dict, optimizer: Any, lr_scheduler: Any, ema: Any,
+                        noise_gen: "torch.Generator", rank: int, accelerator: "Accelerator") -> None:
+    import torch
+
+    from .checkpointing import load_checkpoint, restore_rng
+
+    ck = load_checkpoint(path)
+    if set(ck.adapter) != set(named):
+        odd = sorted(set(ck.adapter) ^ set(named))
+        raise UserError(f"--resume: {path} holds a different adapter ({len(odd)} tensor name(s) differ, e.g. {odd[0]}); same settings?")
+    with torch.no_grad():
+        for name, p in named.items():
+            saved = ck.adapter[name]
+            if saved.shape != p.shape:
+                raise UserError(f"--resume: adapter tensor {name} has shape {tuple(saved.shape)} in {path}, {tuple(p.shape)} here")
+            p.copy_(saved.to(p.device, p.dtype))
+    optimizer.load_state_dict(ck.optimizer)
+    lr_scheduler.load_state_dict(ck.scheduler)
+    if ema is not None:
+        if ck.ema is None:
+            raise UserError(f"--resume: {path} has no EMA state but --ema is set")
+        ema.load_state_dict(ck.ema)
+        ema.to(device=next(iter(named.values())).device)
+    restore_rng(ck.rng[rank], noise_gen)
+    run.global_step = ck.step
+    run.losses = [float(x) for x in ck.info.get("losses", [])]
+    run.started_at = float(ck.info.get("started_at", run.started_at))
+    run.last_checkpoint = path
+
+
+def _adapter_state_dicts(config: TrainConfig, models: Any, accelerator: "Accelerator") -> tuple[dict, dict | None]:
+    """peft state dicts (UNet, text encoder or None), float32 on CPU."""
+    from peft.utils import get_peft_model_state_dict
+
+    def sd(model: Any) -> dict:
+        return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(accelerator.unwrap_model(model)).items()}
+
+    return sd(models.unet), (sd(models.text_encoder) if config.train_text_encoder else None)
+
+
+def _export_lora(config: TrainConfig, accelerator: "Accelerator", models: Any, ema: Any, params: list, data: Any,
+                 run: _RunState, total_steps: int, prediction_type: str) -> Path:
+    """Write the kohya file (EMA weights when --ema) with full metadata; main process only."""
+    from . import kohya_format, lora_targets
+
+    output = config.output_path
+    if accelerator.is_main_process:
+        with _ema_weights(ema, params):
+            unet_sd, te_sd = _adapter_state_dicts(config, models, accelerator)
+        tensors = kohya_format.peft_to_kohya(
+            unet_sd, te_sd,
+            unet_alpha=lora_targets.module_alphas(accelerator.unwrap_model(models.unet)),
+            te_alpha=lora_targets.module_alphas(accelerator.unwrap_model(models.text_encoder)) if te_sd else None,
+        )
+        per_epoch = max(1, math.ceil(len(data.images) / (config.batch_size * config.grad_accum * run.world)))
+        metadata = kohya_format.build_metadata(
+            config,
+            image_files=[r.path for r in data.images], captions=data.captions,
+            image_digests=[r.sha256[: kohya_format.IMAGE_DIGEST_HEX] for r in data.images],
+            steps_done=run.global_step, max_train_steps=total_steps,
+            epoch=math.ceil(run.global_step / per_epoch), num_epochs=math.ceil(total_steps / per_epoch),
+            started_at=run.started_at, finished_at=_now(),
+            v2=getattr(models, "family", "sd15").startswith("sd2"), v_prediction=prediction_type == "v_prediction",
+            num_processes=run.world,
+        )
+        kohya_format.save_kohya_lora(output, tensors, metadata, dtype=config.save_precision)
+    accelerator.wait_for_everyone()
+    return output
+
+
+class _ema_weights:
+    """Swap the EMA weights in for the duration of a block (export, samples), then put them back."""
+
+    def __init__(self, ema: Any, params: list) -> None:
+        self.ema, self.params = ema, params
+
+    def __enter__(self) -> None:
+        if self.ema is not None:
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.ema is not None:
+            self.ema.restore(self.params)
+
+
+def _write_loss_plot(config: TrainConfig, run: _RunState, *, finished: bool) -> Path | None:
+    """Beside the LoRA when it was written; a cancelled run keeps its plot with its state, so
+    nothing but finished LoRAs and their plots ever lands in the output (e.g. ComfyUI's loras)."""
+    from .progress_plots import save_loss_curve
+
+    out = config.output_path
+    where = out.with_name(out.stem + ".loss.png") if finished else config.state_path / "loss.png"
+    try:
+        return save_loss_curve(run.losses, where, title=f"{out.stem}: training loss")
+    except Exception as exc:  # noqa: BLE001 - a plot must never cost the user the LoRA
+        print(f"facediffuser train: loss plot not written ({exc})", file=sys.stderr)
+        return None
+
+
+# --- stage: samples, logs, progress ---------------------------------------------------------------
+
+def _read_prompts(config: TrainConfig) -> list[str]:
+    if not config.sample_prompts:
+        return [config.trigger + ", " + config.caption_template if config.trigger else config.caption_template]
+    p = Path(config.sample_prompts)
+    if not p.is_file():
+        raise UserError(f"--sample-prompts file not found: {p}")
+    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise UserError(f"--sample-prompts {p} has no prompts (one per line)")
+    return prompts
+
+
+def _write_samples(config: TrainConfig, models: Any, ema: Any, params: list, accelerator: "Accelerator", step: int,
+                   callbacks: TrainCallbacks) -> list[Path]:
+    """A grid of one image per prompt, fixed seeds, DDIM, from the in-memory components (main process
+    only). It draws from its own generators and restores the global RNG, so samples never change
+    the training trajectory."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from .progress_plots import save_sample_grid
+
+    written: list[Path] = []
+    if accelerator.is_main_process:
+        prompts = _read_prompts(config)
+        unet = accelerator.unwrap_model(models.unet)
+        te = accelerator.unwrap_model(models.text_encoder)
+        pipe = StableDiffusionPipeline(
+            vae=models.vae, text_encoder=te, tokenizer=models.tokenizer, unet=unet,
+            scheduler=DDIMScheduler.from_config(models.noise_scheduler.config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), _ema_weights(ema, params), _eval_mode(unet, te), torch.no_grad():
+            images = [
+                pipe(prompt, num_inference_steps=config.sample_steps, height=config.resolution, width=config.resolution,
+                     generator=torch.Generator().manual_seed(_mix(config.seed, 4, i)), output_type="pil").images[0]
+                for i, prompt in enumerate(prompts)
+            ]
+        out = config.output_path
+        path = out.with_name(out.stem + ".samples") / f"step-{step:06d}.png"
+        written.append(save_sample_grid(images, path, labels=prompts))
+        if callbacks.on_sample is not None:
+            callbacks.on_sample(step, path)
+    accelerator.wait_for_everyone()
+    return written
+
+
+class _eval_mode:
+    """eval() for sampling (no LoRA dropout), then back to whatever mode each model was in."""
+
+    def __init__(self, *modules: Any) -> None:
+        self.modules = modules
+        self.modes: list[bool] = []
+
+    def __enter__(self) -> None:
+        self.modes = [m.training for m in self.modules]
+        for m in self.modules:
+            m.eval()
+
+    def __exit__(self, *exc: Any) -> None:
+        for m, mode in zip(self.modules, self.modes):
+            m.train(mode)
+
+
+def _start_trackers(config: TrainConfig, accelerator: "Accelerator") -> None:
+    """TensorBoard (when installed and --logging-dir is set), with the settings as hyper-parameters."""
+    if accelerator.log_with:
+        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.to_dict().items()}
+        accelerator.init_trackers("facediffuser", config=hparams)
+
+
+def _progress_bar(accelerator: "Accelerator", total: int, start: int) -> Any:
+    """tqdm: loss and lr in the postfix; it/s and ETA come with tqdm."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                disable=not accelerator.is_main_process)
