@@ -233,6 +233,9 @@ class ComfyServer:
             probe = self.custom_nodes_dir / PROBE_PACK_NAME
             probe.mkdir(exist_ok=True)
             (probe / "__init__.py").write_text(PROBE_PACK_SOURCE)
+            from comfyui_lora_probe import install_probe_pack  # the LoRA weight probe (tests/)
+
+            install_probe_pack(self.custom_nodes_dir)
 
     @property
     def run_dir(self) -> Path:

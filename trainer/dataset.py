@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from ..errors import UserError
 from .captions import build_caption, tag_frequency
+from .face_align import MASK_SUFFIX
 
 if TYPE_CHECKING:  # heavy imports stay inside functions (see docs/internals.md)
     import torch
@@ -39,7 +40,6 @@ if TYPE_CHECKING:  # heavy imports stay inside functions (see docs/internals.md)
     from .config import TrainConfig
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-MASK_SUFFIX = ".mask.png"
 #: An image whose short side is below resolution // MIN_SIDE_DIVISOR is skipped.
 MIN_SIDE_DIVISOR = 4
 
