@@ -1,0 +1,282 @@
+"""``eval table``: base vs fine-tuned vs held-out real faces — the seed study, done right.
+
+What the seed study got wrong, and what this does instead (research/peers.md §0, fid.md §3, §8):
+
+* **Held-out reals.** The real folder is checked against the training-image digests the LoRA file
+  records (:func:`..trainer.kohya_format.is_training_image`); any overlap is refused, or with
+  ``allow_overlap`` reported loudly in every output. A LoRA that does not record its training set
+  gets a warning that disjointness could not be verified.
+* **Identical sampling.** Base and fine-tuned images come from one pipeline and one
+  :class:`.generation.SamplerSettings` (same prompts, seeds, sampler, steps, CFG, size); both records
+  are written to ``results.json`` and tests compare them.
+* **N and a noise floor.** Every row states N of both sides; FID is biased at small N, so the table
+  also gives Real vs Real (two disjoint real subsets) and KID (unbiased) mean ± std.
+* **Protocol.** Extractor, weights SHA-256 and resize mode are recorded; a stand-in extractor
+  (random weights, for demos) is allowed only when asked for explicitly, and labelled everywhere.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import UserError
+from .generation import SamplerSettings
+
+DEFAULT_PROMPT = "a photo of a face"
+SCHEMA = "facediffuser.eval_table/1"
+
+
+@dataclass
+class TableConfig:
+    """Inputs of one evaluation table."""
+
+    model: str
+    lora: str
+    real: str
+    out: str
+    n: int = 100
+    settings: SamplerSettings = field(default_factory=SamplerSettings)
+    prompts_file: str | None = None
+    lora_scale: float = 1.0
+    inception: str | None = None
+    stand_in_extractor: bool = False
+    allow_overlap: bool = False
+    resize: str = "tf1"
+    device: str | None = None
+    dtype: str | None = None
+    batch_size: int = 4
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    kid_seed: int = 2020
+    face_metrics: bool = True
+    progress: bool = True
+
+
+# --- checks before any model is loaded ---------------------------------------------------------
+
+def check_overlap(lora: str | os.PathLike, real_files: Sequence[Path], *, allow: bool) -> dict[str, Any]:
+    """Compare the real images with the LoRA's recorded training set. Raises on overlap unless
+    ``allow``; returns what was found (for results.json)."""
+    from ..trainer.kohya_format import image_digest, load_kohya_lora, training_image_digests
+
+    _, metadata = load_kohya_lora(lora)
+    digests = training_image_digests(metadata)
+    if digests is None:
+        return {"checked": False, "n_overlap": None, "allowed": allow,
+                "note": "the LoRA does not record its training images: cannot verify the real set is held out"}
+    overlap = [p for p in real_files if image_digest(p) in digests]
+    if overlap and not allow:
+        raise UserError(
+            f"{len(overlap)} of {len(real_files)} real images were in the LoRA's training set (e.g. {overlap[0]}); "
+            "use a held-out folder, or pass --allow-overlap to measure memorisation knowingly"
+        )
+    return {"checked": True, "n_overlap": len(overlap), "allowed": allow, "n_training_images": len(digests),
+            "overlapping_files": [str(p) for p in overlap[:20]]}
+
+
+def choose_prompts(prompts_file: str | None, real_files: Sequence[Path], lora: str | os.PathLike) -> tuple[list[str], str]:
+    """Prompts from the file; else the held-out reals' captions (``<stem>.txt``); else the LoRA's
+    trigger word with the default template. Returns (prompts, where they came from)."""
+    from ..trainer.captions import read_caption_file
+    from ..trainer.kohya_format import META_TRIGGER, load_kohya_lora
+    from .generation import read_prompts
+
+    if prompts_file:
+        return read_prompts(prompts_file), f"file {prompts_file}"
+    captions = []
+    for p in real_files:
+        cap = p.with_suffix(".txt")
+        if cap.is_file():
+            text = read_caption_file(cap)
+            if text:
+                captions.append(text)
+    if captions:
+        return captions, f"captions of the {len(captions)} held-out real images"
+    _, metadata = load_kohya_lora(lora)
+    trigger = metadata.get(META_TRIGGER) or metadata.get("modelspec.trigger_phrase")
+    if trigger:
+        return [f"{trigger}, {DEFAULT_PROMPT}"], "LoRA metadata (trigger word + default template)"
+    return [DEFAULT_PROMPT], "default template (no prompts file, no captions, no trigger in the LoRA)"
+
+
+def split_real(files: Sequence[Path], n: int) -> tuple[list[Path], list[Path], list[Path]]:
+    """(reference for Real-vs-model rows, floor A, floor B) from files in canonical content order.
+
+    With at least 2N images the floor compares two disjoint sets of N (the same N as the other rows);
+    with fewer, it compares two halves and the table says the floor is at that smaller N."""
+    files = list(files)
+    ref = files[: min(n, len(files))]
+    if len(files) >= 2 * n:
+        return ref, files[:n], files[n: 2 * n]
+    half = len(files) // 2
+    return ref, files[:half], files[half: 2 * half]
+
+
+# --- extractor -----------------------------------------------------------------------------------
+
+def make_extractor(cfg: TableConfig):
+    """The FID Inception, or — only when asked — the labelled random-weight stand-in."""
+    from .inception import InceptionFeatures, find_inception_weights
+
+    if cfg.stand_in_extractor:
+        from .standin_inception import default_standin_dir, is_standin, standin_weights
+
+        weights = Path(cfg.inception) if cfg.inception and is_standin(cfg.inception) else standin_weights(default_standin_dir())
+    else:
+        weights = find_inception_weights(cfg.inception)
+    return InceptionFeatures(weights, device=cfg.device, resize=cfg.resize, progress=cfg.progress)
+
+
+# --- the table -----------------------------------------------------------------------------------
+
+def kid_std_or_none(kid_result: dict[str, Any]) -> float | None:
+    """The KID std, or None when it means nothing: a subset as large as both sets is the whole
+    set every time, so all subsets give the same value and the std is 0 by construction."""
+    if kid_result["subset_size"] >= kid_result["n1"] and kid_result["subset_size"] >= kid_result["n2"]:
+        return None
+    return kid_result["std"]
+
+
+def _row(name: str, a_label: str, b_label: str, fa, fb, cfg: TableConfig, note: str | None = None) -> dict[str, Any]:
+    from .stats import FeatureStats, compare
+
+    a = FeatureStats.from_features(fa, source=a_label)
+    b = FeatureStats.from_features(fb, source=b_label)
+    res = compare(a, b, kid_subsets=cfg.kid_subsets, kid_subset_size=cfg.kid_subset_size, seed=cfg.kid_seed)
+    k = res["kid"]
+    row = {"name": name, "a": a_label, "b": b_label, "n_a": a.n, "n_b": b.n, "fid": res["fid"],
+           "kid_mean": k["mean"], "kid_std": kid_std_or_none(k), "kid_subsets": k["subsets"], "kid_subset_size": k["subset_size"]}
+    if note:
+        row["note"] = note
+    return row
+
+
+def _image_batches(paths: Sequence[Path], batch_size: int = 16):
+    """HxWx3 uint8 arrays in lists of ``batch_size``, read lazily: images may differ in size."""
+    from .images import load_image
+
+    for i in range(0, len(paths), batch_size):
+        yield [load_image(p) for p in paths[i:i + batch_size]]
+
+
+def _face_metrics(real: Sequence[Path], base: Sequence[Path], ft: Sequence[Path], notes: list[str],
+                  device: str | None = None) -> dict[str, Any] | None:
+    """Detection rate and framing (size, position, roll) of each set, base and fine-tuned compared
+    with the real set; None (and a note saying why) when no face detector is installed."""
+    try:
+        from .face_metrics import face_metrics, face_stats
+
+        ref = face_stats(_image_batches(list(real)), device=device)
+        return {"detector": ref.detector, "min_score": ref.min_score, "real": ref.summary(),
+                "base": face_metrics(_image_batches(list(base)), ref, device=device),
+                "finetuned": face_metrics(_image_batches(list(ft)), ref, device=device)}
+    except (UserError, ImportError) as exc:
+        notes.append(f"face metrics skipped: {exc}")
+        return None
+
+
+def run_table(cfg: TableConfig) -> dict[str, Any]:
+    """Generate, embed, compare, and write results.json, table.md, fid_bar_chart.png, samples_grid.png."""
+    from .generation import generate_pair
+    from .images import image_set_digest, list_images
+    from .report import write_table_outputs
+
+    t0 = time.perf_counter()
+    cfg.settings.validate()
+    if cfg.n < 2:
+        raise UserError(f"--n must be at least 2 (got {cfg.n}): FID needs a covariance")
+    if not Path(cfg.model).exists():
+        raise UserError(f"model not found: {cfg.model}")
+    if not Path(cfg.lora).is_file():
+        raise UserError(f"LoRA file not found: {cfg.lora}")
+    out = Path(cfg.out)
+    warnings: list[str] = []
+    notes: list[str] = []
+
+    real_files = list_images(cfg.real)
+    overlap = check_overlap(cfg.lora, real_files, allow=cfg.allow_overlap)
+    if overlap.get("n_overlap"):
+        warnings.append(f"OVERLAP: {overlap['n_overlap']} of {len(real_files)} real images were training images "
+                        "(--allow-overlap): Real-vs-Fine-tuned measures memorisation, not generalisation")
+    elif not overlap["checked"]:
+        warnings.append(overlap["note"])
+    if len(real_files) < 4:
+        raise UserError(f"need at least 4 real images (2 per half for the Real-vs-Real floor), got {len(real_files)} in {cfg.real}")
+    real_digest, real_files = image_set_digest(real_files)  # canonical content order: names do not matter
+    prompts, prompt_source = choose_prompts(cfg.prompts_file, real_files, cfg.lora)
+
+    extractor = make_extractor(cfg)  # before generating: a missing weights file fails in a second
+    protocol = extractor.protocol() | {"kid_subsets": cfg.kid_subsets, "kid_seed": cfg.kid_seed}
+    stand_in = cfg.stand_in_extractor
+    if stand_in:
+        from .standin_inception import STANDIN_NOTE, standin_description
+
+        protocol["stand_in"] = STANDIN_NOTE
+        protocol["stand_in_recipe"] = standin_description()
+        warnings.insert(0, "STAND-IN FEATURES: " + STANDIN_NOTE)
+
+    t_gen = time.perf_counter()
+    pair = generate_pair(cfg.model, cfg.lora, prompts, cfg.settings, cfg.n, base_dir=out / "generated" / "base",
+                         finetuned_dir=out / "generated" / "finetuned", lora_scale=cfg.lora_scale,
+                         device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size, progress=cfg.progress)
+    t_feat = time.perf_counter()
+
+    ref, floor_a, floor_b = split_real(real_files, cfg.n)
+    needed = sorted(set(ref) | set(floor_a) | set(floor_b), key=real_files.index)
+    real_feats = dict(zip(needed, extractor.features_from_files(needed, desc="Inception real")))
+    import numpy as np
+
+    f_ref = np.stack([real_feats[p] for p in ref])
+    f_base = extractor.features_from_files(pair.base_files, desc="Inception base")
+    f_ft = extractor.features_from_files(pair.finetuned_files, desc="Inception fine-tuned")
+    floor_note = None if len(floor_a) == cfg.n else (
+        f"only {len(real_files)} real images (< 2N = {2 * cfg.n}): the floor compares two halves of {len(floor_a)}, "
+        "so it is biased upward relative to the N-vs-N rows")
+    rows = [
+        _row("Real vs Base", "real", "base", f_ref, f_base, cfg),
+        _row("Real vs Fine-tuned", "real", "finetuned", f_ref, f_ft, cfg),
+        _row("Base vs Fine-tuned", "base", "finetuned", f_base, f_ft, cfg),
+        _row("Real vs Real (noise floor)", "real A", "real B", np.stack([real_feats[p] for p in floor_a]),
+             np.stack([real_feats[p] for p in floor_b]), cfg, note=floor_note),
+    ]
+    if floor_note:
+        notes.append(floor_note)
+    t_face = time.perf_counter()
+    if cfg.face_metrics:
+        faces = _face_metrics(ref, pair.base_files, pair.finetuned_files, notes, device=cfg.device)
+    else:
+        faces = None
+        notes.append("face metrics skipped (--no-face-metrics)")
+
+    results = {
+        "schema": SCHEMA,
+        "created": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
+        "stand_in": {"features": protocol["stand_in"], "recipe": protocol["stand_in_recipe"]} if stand_in else None,
+        "inputs": {"model": str(cfg.model), "lora": str(cfg.lora), "lora_scale": cfg.lora_scale, "real": str(cfg.real),
+                   "n_real_images": len(real_files), "real_images_sha256": real_digest},
+        "n": cfg.n,
+        "protocol": protocol,
+        "prompts": list(prompts),
+        "prompt_source": prompt_source,
+        "seeds": [r["seed"] for r in pair.base_record["images"]],
+        "generation": {"base": pair.base_record, "finetuned": pair.finetuned_record},
+        "rows": rows,
+        "face_metrics": faces,
+        "overlap": overlap,
+        "warnings": warnings,
+        "notes": notes,
+        "files": {"base": [p.name for p in pair.base_files], "finetuned": [p.name for p in pair.finetuned_files],
+                  "real_reference": [str(p) for p in ref]},
+        "timings_s": {"generation": round(t_feat - t_gen, 2), "features_and_metrics": round(t_face - t_feat, 2),
+                      "face_metrics": round(time.perf_counter() - t_face, 2), "total": round(time.perf_counter() - t0, 2)},
+    }
+    write_table_outputs(results, out, real_files=ref, base_files=pair.base_files, finetuned_files=pair.finetuned_files)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return results
