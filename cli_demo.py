@@ -193,7 +193,7 @@ def run_demo(out: Path, *, model: str | None = None, data: str | None = None, in
 def write_demo_report(out: Path, results: dict[str, Any], provenance: dict[str, str], train_result: Any,
                       timings: dict[str, float]) -> Path:
     """``report.md``: what was real and what was a stand-in FIRST, then the table and the pictures."""
-    from .evaluation.generation import atomic_write_text
+    from .fileio import atomic_write_text
     from .evaluation.report import markdown_table
 
     stand_ins = [k for k, v in provenance.items() if v.startswith("STAND-IN")]

@@ -24,6 +24,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..fileio import atomic_path
+
 DEMO_VAE_NOTE = ("box VAE set by hand (no training): latent = mean colour of each 4x4 block; decoder paints the blocks "
                  "back (a 4x-downsampled mosaic); not a learned image model")
 _DELTA = 3e-5  # signal scale in the GroupNorm pairs: delta^2 * s^2 << eps (1e-6)
@@ -110,11 +112,6 @@ def make_demo_checkpoint(out: str | os.PathLike, *, seed: int = 0) -> Path:
     meta = file_metadata("sd15", "tiny", seed, "fp32")
     meta["modelspec.title"] = f"FaceDiffuser DEMO model (random tiny UNet/CLIP seed {seed}, box VAE)"
     meta["facediffuser.demo_vae"] = json.dumps({"note": DEMO_VAE_NOTE, "downsample": 4})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         save_file(sd, str(tmp), metadata=meta)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out

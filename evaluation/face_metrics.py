@@ -31,6 +31,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..errors import UserError
+from ..fileio import atomic_write_json
 
 STATISTICS = ("face_size", "center_x", "center_y", "roll", "eye_mouth_ratio", "score")
 DEFAULT_MIN_SCORE = 0.9
@@ -98,16 +99,7 @@ class FaceStats:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write as JSON, atomically (compute the real set's stats once, reuse them)."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f"{p.name}.tmp-{os.getpid()}")
-        try:
-            tmp.write_text(json.dumps(self.to_dict()) + "\n", encoding="utf-8")
-            os.replace(tmp, p)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return p
+        return atomic_write_json(path, self.to_dict(), indent=None)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FaceStats":

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from ..errors import UserError
+from ..fileio import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -156,23 +157,8 @@ def generate(pipe: "StableDiffusionPipeline", prompts: Sequence[str], settings: 
 
 
 def _save_png(img: "Image.Image", path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def generation_record(model: str | os.PathLike, lora: str | os.PathLike | None, lora_scale: float,

@@ -13,20 +13,16 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..fileio import atomic_path, atomic_write_text
+
 RESULTS_FILE = "results.json"
 TABLE_FILE = "table.md"
 CHART_FILE = "fid_bar_chart.png"
 GRID_FILE = "samples_grid.png"
 
 
-def _atomic_text(path: Path, text: str) -> Path:
-    from .generation import atomic_write_text
-
-    return atomic_write_text(path, text)
-
-
 def write_results_json(results: dict[str, Any], out: Path) -> Path:
-    return _atomic_text(out / RESULTS_FILE, json.dumps(results, indent=2, sort_keys=False, default=str) + "\n")
+    return atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def _fmt_kid(row: dict[str, Any]) -> str:
@@ -137,13 +133,8 @@ def save_bar_chart(results: dict[str, Any], path: Path) -> Path:
         title += " — STAND-IN random features: not FID"
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -170,7 +161,7 @@ def write_table_outputs(results: dict[str, Any], out: str | os.PathLike, *, real
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
-        "table": _atomic_text(out / TABLE_FILE, markdown_table(results)),
+        "table": atomic_write_text(out / TABLE_FILE, markdown_table(results)),
         "bar_chart": save_bar_chart(results, out / CHART_FILE),
         "samples_grid": save_samples_grid(real_files, base_files, finetuned_files, out / GRID_FILE),
     }

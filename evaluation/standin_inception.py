@@ -31,6 +31,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..fileio import atomic_path
+
 #: bump when the construction changes: the version is in the file name, so a cached file built
 #: by an older recipe is never reused.
 STANDIN_VERSION = 2
@@ -131,13 +133,8 @@ def standin_weights(folder: str | os.PathLike, seed: int = 0) -> Path:
     path = Path(folder) / standin_file_name(seed)
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(build_standin_state_dict(seed), tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

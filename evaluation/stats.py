@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import UserError
+from ..fileio import atomic_path
 
 CACHE_ENV_VAR = "FACEDIFFUSER_CACHE"
 _CACHE_VERSION = 1
@@ -65,18 +66,11 @@ class FeatureStats:
 # --- files ----------------------------------------------------------------------------------------
 
 def atomic_write_npz(path: str | os.PathLike, **arrays: Any) -> Path:
-    """``np.savez`` to ``name.tmp-<pid>`` beside the target, then ``os.replace`` (never half a file)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f"{p.name}.tmp-{os.getpid()}")
-    try:
+    """``np.savez``, atomically (never half a file)."""
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:  # a file object: np.savez would otherwise append ".npz"
             np.savez(fh, **arrays)
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return p
+    return Path(path)
 
 
 def save_stats(stats: FeatureStats, path: str | os.PathLike, *, include_features: bool = True) -> Path:

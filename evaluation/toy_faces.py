@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import UserError
+from ..fileio import atomic_write_bytes
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -111,15 +112,6 @@ def draw_face(seed: int, index: int, size: int = 64) -> tuple["Image.Image", Toy
     return img, ToyFace(hair=hair_name, smiling=smiling, caption=caption)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_toy_faces(folder: str | os.PathLike, n: int, *, seed: int = 0, start: int = 0, size: int = 64,
                     captions: bool = True) -> list[Path]:
     """Write faces ``start .. start+n-1`` as ``toy_<index>.png`` (+ ``.txt`` captions) into ``folder``."""
@@ -135,9 +127,9 @@ def write_toy_faces(folder: str | os.PathLike, n: int, *, seed: int = 0, start: 
         buf = io.BytesIO()
         img.save(buf, format="PNG", optimize=False)  # no timestamps in PNG: same pixels, same bytes
         p = out / f"toy_{i:05d}.png"
-        _atomic_write_bytes(p, buf.getvalue())
+        atomic_write_bytes(p, buf.getvalue())
         if captions:
-            _atomic_write_bytes(p.with_suffix(".txt"), (face.caption + "\n").encode("utf-8"))
+            atomic_write_bytes(p.with_suffix(".txt"), (face.caption + "\n").encode("utf-8"))
         paths.append(p)
     return paths
 

@@ -32,7 +32,6 @@ the plain MSE.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import UserError
+from ..fileio import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -330,17 +330,10 @@ def mask_debug_image(image: Any, mask: np.ndarray, landmarks: np.ndarray | None 
 
 
 def save_image_atomic(img: "Image.Image", path: str | Path) -> Path:
-    """PNG written to ``name.tmp-<pid>`` then renamed into place."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f"{p.name}.tmp-{os.getpid()}")
-    try:
+    """PNG, atomically."""
+    with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return p
+    return Path(path)
 
 
 # --- masks on the latent grid and the face-weighted loss ----------------------------------------

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import UserError
-from .safetensors_io import atomic_write_bytes, canonicalize, split_blob
+from ..fileio import atomic_write_bytes
+from .safetensors_io import canonicalize, split_blob
 
 if TYPE_CHECKING:  # torch/safetensors are imported inside functions (docs/internals.md)
     import torch

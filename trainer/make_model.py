@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..fileio import atomic_path
 from . import checkpoint_layout as layout
 from .safetensors_io import encode_header
 
@@ -277,13 +278,7 @@ def make_checkpoint(
         raise UserError(f"--out must end in .safetensors (got {str(out)!r})")
     if out.is_dir():
         raise UserError(f"--out is a folder: {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
     sd = build_state_dict(arch, size, seed, dtype)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         write_safetensors(tmp, sd, file_metadata(arch, size, seed, dtype))
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out

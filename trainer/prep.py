@@ -28,6 +28,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..errors import UserError
+from ..fileio import atomic_write_json
 from .face_align import DEBUG_DIR, MASK_SUFFIX, align_face, mask_debug_image, save_image_atomic, save_mask
 from .face_detection import DEFAULT_BACKEND, DEFAULT_MIN_SCORE, LANDMARK_NAMES, Face, detect_faces
 
@@ -336,12 +337,4 @@ def _write_summary(src: Path, dst: Path, s: PrepSettings, records: list[dict[str
 
 
 def write_json_atomic(path: Path, data: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write_json(path, data)

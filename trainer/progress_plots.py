@@ -8,16 +8,13 @@ backend only (no display needed) and imported inside the function: the CLI stays
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from ..fileio import atomic_path
+
 if TYPE_CHECKING:
     from PIL import Image
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
 
 
 def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
@@ -59,13 +56,8 @@ def save_loss_curve(losses: Sequence[float], path: str | Path, *, title: str = "
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -98,11 +90,6 @@ def save_sample_grid(images: Sequence["Image.Image"], path: str | Path, labels: 
     """Write the sample images of one step as a single PNG grid (atomically). Returns the path."""
     path = Path(path)
     grid = image_grid(images, labels, cols=cols)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
+    with atomic_path(path) as tmp:
         grid.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

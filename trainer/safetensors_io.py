@@ -11,8 +11,6 @@ canonical header: compact JSON with sorted keys, space-padded so the data starts
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 
@@ -35,18 +33,3 @@ def canonicalize(blob: bytes) -> bytes:
     return encode_header(header) + data
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write to ``<name>.tmp-<pid>`` in the same folder, fsync, then rename over the target."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
