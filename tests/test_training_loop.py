@@ -331,3 +331,33 @@ def test_sample_grids_are_written_and_do_not_change_training(tiny_ckpt, shapes, 
     assert [s for s, _ in got] == [2, 4] and rb.samples == [p for _, p in got]
     assert all(p.is_file() and p.parent.name == "face.samples" for p in rb.samples)
     assert ra.losses == rb.losses  # sampling draws from its own generators
+
+
+def test_init_lora_continues_from_an_existing_kohya_file(tiny_ckpt, shapes, tmp_path):
+    """--init-lora loads the file's adapter (ranks, alphas and weights, text encoder too): with lr 0
+    the continued run writes the same tensors back (a fresh adapter has zero lora_up and other
+    random lora_down, so it could not); with lr > 0 it trains on from there."""
+    from facediffuser.trainer.kohya_format import load_kohya_lora
+
+    first = train(tiny_config(tiny_ckpt, shapes, tmp_path / "first.safetensors", steps=3, alpha=2.0,
+                              train_text_encoder=True, lr=1e-2))
+    src, src_meta = load_kohya_lora(first.output)
+    assert any(float(v.abs().max()) > 0 for k, v in src.items() if k.endswith("lora_up.weight"))
+
+    same = train(tiny_config(tiny_ckpt, shapes, tmp_path / "same.safetensors", steps=1, rank=8, alpha=None,
+                             train_text_encoder=True, lr=0.0, init_lora=str(first.output)))
+    copy, _ = load_kohya_lora(same.output)
+    assert copy.keys() == src.keys()
+    assert all(torch.equal(copy[k], src[k]) for k in src), "continuing at lr 0 must keep the file's weights"
+
+    moved = train(tiny_config(tiny_ckpt, shapes, tmp_path / "moved.safetensors", steps=2, train_text_encoder=True,
+                              lr=1e-2, init_lora=str(first.output)))
+    after, meta = load_kohya_lora(moved.output)
+    assert after.keys() == src.keys() and meta["ss_network_alpha"] == src_meta["ss_network_alpha"] == "2.0"
+    assert any(not torch.equal(after[k], src[k]) for k in src if k.endswith(".weight"))
+
+
+def test_init_lora_that_is_not_a_lora_is_a_one_line_error(tiny_ckpt, shapes, tmp_path):
+    with pytest.raises(UserError, match="not a LoRA|no LoRA|LoRA"):
+        train(tiny_config(tiny_ckpt, shapes, tmp_path / "x.safetensors", init_lora=str(tiny_ckpt)))
+    assert not (tmp_path / "x.safetensors").exists()

@@ -281,6 +281,21 @@ def kohya_delta_weights(tensors: Mapping[str, "torch.Tensor"], multiplier: float
     return out
 
 
+def network_dims(tensors: Mapping[str, "torch.Tensor"]) -> dict[str, tuple[int, float] | None]:
+    """The (rank, alpha) a file's ``ss_network_dim``/``ss_network_alpha`` (and ``conv_dim``/``conv_alpha``)
+    should state, read from its tensors: the most common pair among linear and 1×1 modules
+    ("network") and among 3×3 convs ("conv", None without any). A run continued from another file
+    (``--init-lora``) keeps that file's ranks and alphas, whatever its own settings say."""
+    from collections import Counter
+
+    pairs: dict[str, Counter] = {"network": Counter(), "conv": Counter()}
+    for parts in _group_kohya(tensors, "LoRA").values():
+        down = parts[DOWN]
+        kind = "conv" if down.dim() == 4 and down.shape[-1] > 1 else "network"
+        pairs[kind][(int(down.shape[0]), _alpha_value(parts))] += 1
+    return {k: (c.most_common(1)[0][0] if c else None) for k, c in pairs.items()}
+
+
 # --- metadata -------------------------------------------------------------------------------------
 
 def image_digest(image: str | os.PathLike[str] | bytes) -> str:

@@ -27,6 +27,7 @@ is a function below it that does one thing. The parts worth knowing before chang
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -765,8 +766,12 @@ def _export_lora(config: TrainConfig, accelerator: "Accelerator", models: Any, e
             te_alpha=lora_targets.module_alphas(accelerator.unwrap_model(models.text_encoder)) if te_sd else None,
         )
         per_epoch = max(1, math.ceil(len(data.images) / (config.batch_size * config.grad_accum * run.world)))
+        dims = kohya_format.network_dims(tensors)  # what the file holds (--init-lora keeps its file's dims)
+        described = dataclasses.replace(
+            config, rank=dims["network"][0], alpha=dims["network"][1],
+            conv_rank=dims["conv"][0] if dims["conv"] else 0, conv_alpha=dims["conv"][1] if dims["conv"] else None)
         metadata = kohya_format.build_metadata(
-            config,
+            described,
             image_files=[r.path for r in data.images], captions=data.captions,
             image_digests=[r.sha256[: kohya_format.IMAGE_DIGEST_HEX] for r in data.images],
             steps_done=run.global_step, max_train_steps=total_steps,
