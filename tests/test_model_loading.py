@@ -265,15 +265,17 @@ def test_unsafe_pickle_is_refused(tmp_path: Path) -> None:
 # --- full size (the 2.1 GB SD1.5-shaped file) ---------------------------------------------------------
 
 @pytest.mark.full_model
-def test_full_sd15_bit_identical_in_diffusers_and_ours(sd15_full_checkpoint: Path) -> None:
-    f = ml.detect_family(sd15_full_checkpoint)
-    assert (f.family, f.full_size) == ("sd15", True)
-    theirs = diffusers_single_file(sd15_full_checkpoint, mm.CONFIG_DIR / "sd15", torch.float16)
-    for comp in COMPONENTS:  # one component's reference at a time: peak memory stays ~4 GB
-        ref = mm.component_tensors("sd15", "full", seed=0, dtype="fp16", components=(comp,))[comp]
+@pytest.mark.parametrize("arch", ["sd15", "sd2"])
+def test_full_bit_identical_in_diffusers_and_ours(arch: str, request) -> None:
+    path = request.getfixturevalue(f"{arch}_full_checkpoint")
+    f = ml.detect_family(path)
+    assert (f.family, f.full_size) == (arch, True)
+    theirs = diffusers_single_file(path, mm.CONFIG_DIR / arch, torch.float16)
+    for comp in COMPONENTS:  # one component's reference at a time: peak memory stays ~5 GB
+        ref = mm.component_tensors(arch, "full", seed=0, dtype="fp16", components=(comp,))[comp]
         assert_same_weights(theirs.pop(comp), ref, comp)
-    ours = ml.load_components(sd15_full_checkpoint, dtype=torch.float16)
-    theirs = diffusers_single_file(sd15_full_checkpoint, mm.CONFIG_DIR / "sd15", torch.float16)
+    ours = ml.load_components(path, dtype=torch.float16)
+    theirs = diffusers_single_file(path, mm.CONFIG_DIR / arch, torch.float16)
     for comp in COMPONENTS:
         a, b = getattr(ours, comp).state_dict(), theirs[comp].state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), comp
