@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from ..errors import UserError
+from ..fileio import atomic_path
 from .captions import augment_caption
 from .dataset import BadImage, ImageRecord, prepare_image, prepare_mask
 
@@ -130,15 +131,9 @@ def atomic_save(tensors: Mapping[str, "torch.Tensor"], path: Path, metadata: Map
     """safetensors file written to a temp name in the same folder, then moved into place."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata=dict(metadata or {}))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def load_entry(path: Path) -> dict[str, "torch.Tensor"]:
