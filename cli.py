@@ -15,11 +15,11 @@ from typing import Sequence
 # Modules relative to this package; the order is the order in --help.
 _COMMAND_MODULES = [
     "trainer.cli_train",
-    "trainer.cli_make_model",
-    "trainer.cli_prep",
+    "sd.cli_make_model",
+    "faces.cli_prep",
     "evaluation.cli_eval",
-    "cli_generate",
-    "cli_demo",
+    "evaluation.cli_generate",
+    "demo.cli_demo",
 ]
 
 

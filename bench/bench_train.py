@@ -111,7 +111,7 @@ class _RssSampler:
 # --- one (mode, batch) run ------------------------------------------------------------------------
 
 def _data_folder(work: Path, n_img: int, resolution: int) -> Path:
-    from facediffuser.evaluation.toy_faces import write_toy_faces
+    from facediffuser.demo.toy_faces import write_toy_faces
 
     data = work / f"data-{n_img}-{resolution}"
     if not data.is_dir():
@@ -126,7 +126,7 @@ def _one(args: argparse.Namespace) -> dict:
     import torch
 
     import facediffuser.trainer.caching as caching
-    import facediffuser.trainer.model_loading as model_loading
+    import facediffuser.sd.model_loading as model_loading
     from facediffuser.trainer.config import TrainConfig
     from facediffuser.trainer.training_loop import TrainCallbacks, train
 
@@ -193,7 +193,7 @@ def _meta_models(model: str) -> tuple:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from facediffuser.trainer import model_loading as ml
+    from facediffuser.sd import model_loading as ml
 
     src = ml._open_single_file(Path(model), with_tensors=False)
     fam = ml._family_of(src, None, None)
@@ -314,7 +314,7 @@ def _knobs(args: argparse.Namespace) -> dict:
 # --- the driver -----------------------------------------------------------------------------------
 
 def _default_model(args: argparse.Namespace) -> str:
-    from facediffuser.trainer.make_model import make_checkpoint
+    from facediffuser.sd.make_model import make_checkpoint
 
     dtype = "fp16" if args.size == "full" else "fp32"
     cache = Path(args.cache) / "models"

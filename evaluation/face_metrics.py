@@ -15,7 +15,7 @@ FID mixes face quality with composition: SD1.5 generations are not FFHQ-aligned,
 Entry points: :func:`face_stats` (uint8 NCHW tensors/arrays, PIL images, or an iterable of such
 batches), :func:`compare_face_stats`, and :func:`face_metrics` -- one flat, JSON-ready dict for
 the FID table and the ComfyUI node. Real-set stats can be saved once (:meth:`FaceStats.save`) and
-reused. Detection runs through :mod:`facediffuser.trainer.face_detection` (MTCNN; install with
+reused. Detection runs through :mod:`facediffuser.faces.detection` (MTCNN; install with
 ``pip install --no-deps facenet-pytorch==2.6.0``). torch-only: no ComfyUI imports.
 """
 
@@ -124,7 +124,7 @@ class FaceStatsAccumulator:
         self._values: dict[str, list[float]] = {k: [] for k in STATISTICS}
 
     def update(self, images: Any) -> None:
-        from ..trainer.face_detection import detect_faces_batch
+        from ..faces.detection import detect_faces_batch
 
         arrays = images_to_hwc(images)
         for arr, faces in zip(arrays, detect_faces_batch(arrays, min_score=self.min_score, backend=self.backend, device=self.device)):
@@ -233,7 +233,7 @@ def face_metrics(
 def images_to_hwc(images: Any) -> list[np.ndarray]:
     """A batch (uint8 NCHW tensor/array, or a list of PIL images / HxWxC uint8 arrays) as a list
     of HxWx3 uint8 arrays."""
-    from ..trainer.face_detection import to_rgb_array
+    from ..faces.detection import to_rgb_array
 
     if _is_tensor(images):
         images = images.detach().cpu().numpy()

@@ -96,7 +96,7 @@ def load_generation_pipeline(model: str | os.PathLike, *, sampler: str = "ddim",
     import diffusers
     import torch
 
-    from ..trainer.model_loading import load_pipeline
+    from ..sd.model_loading import load_pipeline
 
     if sampler not in SAMPLERS:
         raise UserError(f"--sampler must be one of {', '.join(SAMPLERS)} (got {sampler!r})")

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import UserError
-from ..trainer.face_align import is_prep_artifact
+from ..faces.align import is_prep_artifact
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
 

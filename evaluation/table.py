@@ -125,7 +125,7 @@ def make_extractor(cfg: TableConfig):
     from .inception import InceptionFeatures, find_inception_weights
 
     if cfg.stand_in_extractor:
-        from .standin_inception import default_standin_dir, is_standin, standin_weights
+        from ..demo.standin_inception import default_standin_dir, is_standin, standin_weights
 
         weights = Path(cfg.inception) if cfg.inception and is_standin(cfg.inception) else standin_weights(default_standin_dir())
     else:
@@ -215,7 +215,7 @@ def run_table(cfg: TableConfig) -> dict[str, Any]:
     protocol = extractor.protocol() | {"kid_subsets": cfg.kid_subsets, "kid_seed": cfg.kid_seed}
     stand_in = cfg.stand_in_extractor
     if stand_in:
-        from .standin_inception import STANDIN_NOTE, standin_description
+        from ..demo.standin_inception import STANDIN_NOTE, standin_description
 
         protocol["stand_in"] = STANDIN_NOTE
         protocol["stand_in_recipe"] = standin_description()

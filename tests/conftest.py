@@ -24,3 +24,4 @@ def test_cache_dir() -> Path:
 from fixtures_models import *  # noqa: E402,F401,F403
 from fixtures_inception import *  # noqa: E402,F401,F403
 from fixtures_comfyui import *  # noqa: E402,F401,F403
+from fixtures_faces import *  # noqa: E402,F401,F403

@@ -25,7 +25,7 @@ INCEPTION_NUM_KEYS = 566
 def build_random_inception_state_dict(seed: int = 0) -> dict:
     """Seeded random weights in the exact key/shape layout of the FID Inception file: the same
     recipe as the product's labelled stand-in extractor (He-initialised, batch norm calibrated)."""
-    from facediffuser.evaluation.standin_inception import build_standin_state_dict
+    from facediffuser.demo.standin_inception import build_standin_state_dict
 
     state = build_standin_state_dict(seed)
     assert len(state) == INCEPTION_NUM_KEYS, len(state)

@@ -22,7 +22,7 @@ __all__ = [
 
 def cached_checkpoint(cache_dir: Path, arch: str, size: str, *, seed: int = 0, dtype: str = "fp32") -> Path:
     """Build (once) and return a make-model checkpoint in ``cache_dir``."""
-    from facediffuser.trainer.make_model import LAYOUT_VERSION, make_checkpoint
+    from facediffuser.sd.make_model import LAYOUT_VERSION, make_checkpoint
 
     path = Path(cache_dir) / "models" / f"{arch}-{size}-seed{seed}-{dtype}-layout{LAYOUT_VERSION}.safetensors"
     if not path.is_file():

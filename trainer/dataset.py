@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from ..errors import UserError
 from .captions import build_caption, tag_frequency
-from .face_align import MASK_SUFFIX
+from ..faces.align import MASK_SUFFIX
 
 if TYPE_CHECKING:  # heavy imports stay inside functions (see docs/internals.md)
     import torch

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import UserError
 from ..fileio import atomic_write_bytes
-from .safetensors_io import canonicalize, split_blob
+from ..sd.safetensors_io import canonicalize, split_blob
 
 if TYPE_CHECKING:  # torch/safetensors are imported inside functions (docs/internals.md)
     import torch

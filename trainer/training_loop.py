@@ -344,7 +344,7 @@ def _load_models(config: TrainConfig, device: "torch.device", dtype: "torch.dtyp
     """All components; the VAE stays float32 (fp16 VAEs overflow into black images)."""
     import torch
 
-    from .model_loading import load_components
+    from ..sd.model_loading import load_components
 
     models = load_components(config.model, dtype=dtype, device=device)
     if models.vae.dtype != torch.float32:
@@ -618,7 +618,7 @@ def _diffusion_loss(config: TrainConfig, models: Any, batch: dict[str, Any], gen
     import torch
     from diffusers.training_utils import compute_snr
 
-    from .face_align import face_weight_map, weighted_mse
+    from ..faces.align import face_weight_map, weighted_mse
 
     scheduler = models.noise_scheduler
     latents = _latents(models, batch, device, gen)

@@ -1,0 +1,50 @@
+"""The demo end to end (slow: ~3.5 min on 2 busy cores): artefacts, labels, and the LoRA helps.
+
+Margin: on the fixed seed 0 the fine-tuned model's distance to the held-out toy faces must be at
+least 20 % below the base model's (stand-in random-Inception features, N = 16). Measured: seed 0
+FD 146 vs 402 (ratio 0.36); seeds 1 and 2 by hand: see the docs/report of the change.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+MARGIN = 0.8
+
+
+@pytest.mark.slow
+def test_demo_runs_and_finetuned_beats_base(tmp_path, monkeypatch):
+    from facediffuser.demo.cli_demo import run_demo
+
+    monkeypatch.setenv("FACEDIFFUSER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("FACEDIFFUSER_INCEPTION", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no FID weights: the stand-in is used
+    out = tmp_path / "demo"
+    res = run_demo(out, seed=0, progress=False)
+    for name in ("report.md", "results.json", "fid_bar_chart.png", "samples_grid.png", "face_lora.safetensors",
+                 "face_lora.loss.png", "table.md"):
+        assert (out / name).is_file(), name
+    report = (out / "report.md").read_text()
+    head = report[:600]
+    assert head.startswith("# FaceDiffuser demo report")
+    assert "stand-ins for: model, data, features" in head and "must not be quoted as FID" in head
+    assert report.count("STAND-IN") >= 4  # provenance rows for model, data, features + the table's warning
+    r = json.loads((out / "results.json").read_text())
+    assert r["stand_in"]["features"] and r["demo"]["provenance"]["features"].startswith("STAND-IN")
+    assert r["protocol"]["weights"].startswith("STAND-IN-random-inception-v2")
+    rows = {row["name"]: row for row in r["rows"]}
+    base, ft = rows["Real vs Base"]["fid"], rows["Real vs Fine-tuned"]["fid"]
+    assert ft < MARGIN * base, (ft, base)
+    # the stand-in's scale is normalised: distances read like FIDs, not tens of thousands
+    assert all(0 < row["fid"] < 5000 for row in r["rows"]), [row["fid"] for row in r["rows"]]
+    # N = 16 = KID subset size: every subset is the whole set, so the std is n/a, not "± 0.00"
+    assert all(row["kid_std"] is None for row in r["rows"]) and "± n/a" in report and "± 0.00" not in report
+    assert r["generation"]["base"]["settings"] == r["generation"]["finetuned"]["settings"]
+    if r["face_metrics"] is not None:  # MTCNN installed: detection rate and framing vs the real set
+        assert "## Face metrics" in report
+        for name in ("real", "base", "finetuned"):
+            assert 0.0 <= r["face_metrics"][name]["detection_rate"] <= 1.0
+    else:
+        assert any(n.startswith("face metrics skipped") for n in r["notes"])

@@ -1,0 +1,317 @@
+"""The node pack without a ComfyUI server: import cost, node declarations, path rules, and the pure
+glue the nodes call (config building, re-run check, family warning, scoring, chart)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from facediffuser.errors import UserError
+from facediffuser.nodes import paths
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+# --- importing ------------------------------------------------------------------------------------
+
+def test_pack_imports_without_comfyui_or_torch() -> None:
+    code = (
+        "import sys, facediffuser\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'comfy', 'folder_paths', 'diffusers', 'numpy'))\n"
+        "print(len(facediffuser.NODE_CLASS_MAPPINGS), heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "5 []", out
+
+
+@pytest.fixture
+def fake_folder_paths(tmp_path, monkeypatch):
+    """A stand-in ``folder_paths`` module with ComfyUI's layout under tmp_path."""
+    fp = types.ModuleType("folder_paths")
+    fp.models_dir = str(tmp_path / "models")
+    fp.folder_names_and_paths = {
+        "checkpoints": ([str(tmp_path / "models" / "checkpoints")], {".safetensors"}),
+        "loras": ([str(tmp_path / "models" / "loras")], {".safetensors"}),
+    }
+    fp.filename_list_cache = {}
+
+    def get_folder_paths(name):
+        return fp.folder_names_and_paths[name][0][:]
+
+    def get_filename_list(name):
+        dirs, exts = fp.folder_names_and_paths[name]
+        out = []
+        for d in dirs:
+            for root, _, files in os.walk(d):
+                for f in files:
+                    if not exts or os.path.splitext(f)[1] in exts:
+                        out.append(os.path.relpath(os.path.join(root, f), d))
+        return sorted(out)
+
+    fp.get_folder_paths = get_folder_paths
+    fp.get_filename_list = get_filename_list
+    fp.get_input_directory = lambda: str(tmp_path / "input")
+    fp.get_output_directory = lambda: str(tmp_path / "output")
+    monkeypatch.setitem(sys.modules, "folder_paths", fp)
+    return fp
+
+
+def test_node_declarations(fake_folder_paths) -> None:
+    from facediffuser import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+    assert set(NODE_CLASS_MAPPINGS) == {"FaceDiffuserLoraLoader", "FaceDiffuserTrainLora", "FaceDiffuserFIDReference",
+                                        "FaceDiffuserFID", "FaceDiffuserFIDCompare"}
+    assert set(NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_CLASS_MAPPINGS)
+    for node_id, cls in NODE_CLASS_MAPPINGS.items():
+        assert node_id.startswith("FaceDiffuser")
+        spec = cls.INPUT_TYPES()
+        assert set(spec) <= {"required", "optional", "hidden"} and spec["required"], node_id
+        for section in ("required", "optional"):
+            for name, decl in spec.get(section, {}).items():
+                assert isinstance(decl, tuple) and 1 <= len(decl) <= 2, (node_id, name)
+                assert len(decl) == 2 and decl[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+                if decl[0] in ("INT", "FLOAT"):
+                    opts = decl[1]
+                    assert opts["min"] <= opts["default"] <= opts["max"], (node_id, name)
+        assert callable(getattr(cls, cls.FUNCTION)), node_id
+        assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES) == len(cls.OUTPUT_TOOLTIPS), node_id
+        assert cls.CATEGORY.startswith("FaceDiffuser") and cls.DESCRIPTION
+
+
+def test_model_folders_registered_npz_only(fake_folder_paths, tmp_path) -> None:
+    # As extra_model_paths.yaml / add_model_folder_path would have created it: empty set = every file.
+    fake_folder_paths.folder_names_and_paths["fid_stats"] = ([str(tmp_path / "stats")], set())
+    (tmp_path / "stats").mkdir()
+    for f in ("ref.npz", "notes.txt", "x.safetensors"):
+        (tmp_path / "stats" / f).write_bytes(b"x")
+    paths.register_model_folders()
+    paths.register_model_folders()  # idempotent
+    assert fake_folder_paths.folder_names_and_paths["fid_stats"] == ([str(tmp_path / "stats")], {".npz"})
+    assert fake_folder_paths.folder_names_and_paths["inception"] == ([str(tmp_path / "models" / "inception")], {".pth"})
+    assert fake_folder_paths.get_filename_list("fid_stats") == ["ref.npz"]
+    from facediffuser.nodes.fid_nodes import COMPUTE_FROM_FOLDER, FaceDiffuserFIDReference
+
+    assert FaceDiffuserFIDReference.INPUT_TYPES()["required"]["stats_file"][0] == [COMPUTE_FROM_FOLDER, "ref.npz"]
+
+
+# --- path rules -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def input_dir(tmp_path) -> Path:
+    d = tmp_path / "input"
+    (d / "faces" / "sub").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (d / "escape").symlink_to(tmp_path / "outside", target_is_directory=True)
+    (d / "file.png").write_bytes(b"x")
+    return d
+
+
+@pytest.mark.parametrize("value", ["../../etc/passwd", "../outside", "faces/../../outside", "/etc", "escape", "/"])
+def test_folder_inputs_cannot_escape(input_dir, value) -> None:
+    with pytest.raises(UserError, match="outside the allowed folders") as err:
+        paths.resolve_user_folder(value, input_dir=input_dir, what="dataset folder")
+    assert "\n" not in str(err.value) and paths.DATASET_ROOTS_ENV in str(err.value)
+
+
+def test_folder_inputs_allowed(input_dir, tmp_path) -> None:
+    assert paths.resolve_user_folder("faces", input_dir=input_dir) == (input_dir / "faces").resolve()
+    assert paths.resolve_user_folder(str(input_dir / "faces" / "sub"), input_dir=input_dir) == (input_dir / "faces" / "sub").resolve()
+    # an absolute path under an extra root (from $FACEDIFFUSER_DATASET_ROOTS)
+    roots = paths.env_roots({paths.DATASET_ROOTS_ENV: f"{tmp_path / 'outside'}{os.pathsep}"})
+    assert roots == [tmp_path / "outside"]
+    assert paths.resolve_user_folder(str(tmp_path / "outside"), input_dir=input_dir, extra_roots=roots) == (tmp_path / "outside").resolve()
+    assert paths.resolve_user_folder("escape", input_dir=input_dir, extra_roots=roots) == (tmp_path / "outside").resolve()
+    with pytest.raises(UserError, match="not found"):
+        paths.resolve_user_folder("nope", input_dir=input_dir)
+    with pytest.raises(UserError, match="not a folder"):
+        paths.resolve_user_folder("file.png", input_dir=input_dir)
+    with pytest.raises(UserError, match="no folder given"):
+        paths.resolve_user_folder("  ", input_dir=input_dir)
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs/x", "a/../../b", ".hidden", "a//b", "C:/x", "x/..", ""])
+def test_written_names_are_plain(name) -> None:
+    with pytest.raises(UserError):
+        paths.lora_file_name(name)
+
+
+def test_written_names(tmp_path) -> None:
+    assert paths.lora_file_name("face_lora") == "face_lora.safetensors"
+    assert paths.lora_file_name("people/anna v2.safetensors") == "people/anna v2.safetensors"
+    assert paths.bank_file_name("base") == "base.npz"
+    with pytest.raises(UserError):
+        paths.bank_file_name("a/b")
+    assert paths.safe_join(tmp_path, "a/b.npz") == (tmp_path / "a" / "b.npz").resolve()
+    # names read from the loras list may use any characters, but never leave the folder
+    assert paths.check_relative_name("my [face] lora.safetensors", strict=False)
+    with pytest.raises(UserError):
+        paths.check_relative_name("../secret.safetensors", strict=False)
+
+
+def test_lora_loader_validate_inputs() -> None:
+    from facediffuser.nodes.lora_nodes import FaceDiffuserLoraLoader
+
+    assert FaceDiffuserLoraLoader.VALIDATE_INPUTS("not_yet_trained.safetensors") is True
+    msg = FaceDiffuserLoraLoader.VALIDATE_INPUTS("../../etc/passwd")
+    assert isinstance(msg, str) and ".." in msg
+
+
+# --- LoRA metadata --------------------------------------------------------------------------------
+
+def test_family_warning() -> None:
+    from facediffuser.nodes.lora_nodes import comfy_model_family, describe_lora, family_warning
+
+    sd1 = {"ss_base_model_version": "sd_v1", "ss_network_dim": "8", "ss_network_alpha": "4.0", "ss_steps": "100",
+           "modelspec.trigger_phrase": "sks", "ss_sd_model_name": "base.safetensors"}
+    assert comfy_model_family("SD15", 768) == "sd1"
+    assert comfy_model_family("SDXL", 2048) == "sdxl"
+    assert comfy_model_family("Whatever", 1024) == "sd2"
+    assert family_warning(sd1, "sd1", False) is None
+    w = family_warning(sd1, "sdxl", False)
+    assert w and "SD 1.x" in w and "SDXL" in w
+    assert family_warning({"ss_base_model_version": "sd_v2_v"}, "sd2", False)  # v-pred LoRA on an eps model
+    assert family_warning({}, "sdxl", False) is None  # nothing recorded: no claim
+    text = "\n".join(describe_lora("face.safetensors", sd1))
+    for part in ("SD 1.x", "rank 8, alpha 4.0", "trigger word: sks", "steps: 100"):
+        assert part in text
+
+
+# --- training config --------------------------------------------------------------------------------
+
+def _node_config(tmp_path, **over):
+    from facediffuser.nodes.train_nodes import build_train_config
+
+    kw = dict(model=str(tmp_path / "m.safetensors"), data=str(tmp_path / "faces"), output=str(tmp_path / "loras" / "f.safetensors"),
+              steps=7, rank=4, alpha=2.0, learning_rate=3e-4, resolution=64, batch_size=2, train_text_encoder=True,
+              seed=5, caption_template="a photo of sks", trigger="sks")
+    kw.update(over)
+    return build_train_config(**kw)
+
+
+def test_node_builds_the_cli_config(tmp_path) -> None:
+    import argparse
+
+    from facediffuser.trainer.config import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([
+        "--model", str(tmp_path / "m.safetensors"), "--data", str(tmp_path / "faces"),
+        "--output", str(tmp_path / "loras" / "f.safetensors"), "--steps", "7", "--rank", "4", "--alpha", "2",
+        "--lr", "3e-4", "--resolution", "64", "--batch-size", "2", "--train-text-encoder", "--seed", "5",
+        "--caption-template", "a photo of sks", "--trigger", "sks"])
+    assert _node_config(tmp_path) == config_from_args(args)
+    assert _node_config(tmp_path, alpha=0.0).alpha is None  # 0 = alpha equals rank, the CLI default
+    assert _node_config(tmp_path, trigger="  ").trigger is None
+    # work_dir moves caches/state out of the loras folder, keyed by the settings
+    a = _node_config(tmp_path, work_dir=str(tmp_path / "work"))
+    b = _node_config(tmp_path, work_dir=str(tmp_path / "work"), seed=6)
+    assert Path(a.cache_dir) == tmp_path / "work" / "cache"
+    assert Path(a.state_dir).parent == tmp_path / "work" / "state" and a.state_dir != b.state_dir
+    with pytest.raises(UserError):
+        _node_config(tmp_path, resolution=60)
+
+
+def test_existing_lora_reuse_check(tmp_path) -> None:
+    from facediffuser.nodes.train_nodes import existing_lora_matches
+    from facediffuser.trainer.kohya_format import build_metadata
+
+    cfg = _node_config(tmp_path)
+    imgs = []
+    for i in range(2):
+        p = tmp_path / f"{i}.png"
+        p.write_bytes(bytes([i]) * 10)
+        imgs.append(p)
+    meta = build_metadata(cfg, image_files=imgs, captions=["a", "b"], steps_done=cfg.steps, max_train_steps=cfg.steps,
+                          epoch=1, num_epochs=1, started_at=0.0)
+    from facediffuser.trainer.kohya_format import image_digest
+
+    digests = {image_digest(p) for p in imgs}
+    assert existing_lora_matches(meta, cfg, digests) == (True, "same settings and images")
+    assert not existing_lora_matches(meta, _node_config(tmp_path, seed=6), digests)[0]
+    assert not existing_lora_matches(meta, _node_config(tmp_path, steps=8), digests)[0]
+    assert not existing_lora_matches(meta, _node_config(tmp_path, train_text_encoder=False), digests)[0]
+    assert existing_lora_matches(meta, cfg, digests - {next(iter(digests))}) == (False, "the dataset images differ")
+    assert not existing_lora_matches({}, cfg, digests)[0]
+
+
+# --- scoring glue -------------------------------------------------------------------------------------
+
+class _FakeExtractor:
+    """Deterministic 'features' from pixels: enough to test the bank/score plumbing without Inception."""
+
+    def __call__(self, images):
+        import torch
+
+        from facediffuser.evaluation.images import to_uint8_nchw
+
+        x = to_uint8_nchw(images).to(torch.float32)
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3)), x[:, :, :4, :4].reshape(len(x), -1)], 1)
+
+    def protocol(self, n=None):
+        p = {"extractor": "fake", "weights_sha256": "0" * 64, "resize": "tf1"}
+        return p | ({"n": n} if n is not None else {})
+
+
+def test_accumulate_equals_one_evaluation(tmp_path) -> None:
+    import torch
+
+    from facediffuser.evaluation.stats import FeatureStats, compare
+    from facediffuser.nodes.fid_nodes import score_images
+
+    gen = torch.Generator().manual_seed(0)
+    ext = _FakeExtractor()
+    real = torch.rand((12, 16, 16, 3), generator=gen)
+    ref = {"stats": FeatureStats.from_features(ext(real), protocol=ext.protocol(12), source="real")}
+    batches = [torch.rand((3, 16, 16, 3), generator=gen) for _ in range(3)]
+    bank = tmp_path / "banks" / "base.npz"
+    res = None
+    for i, b in enumerate(batches):
+        res = score_images(b, ref, ext, mode="accumulate", bank_path=bank, reset=i == 0, kid_subset_size=4, kid_subsets=10)
+        assert res["added"] == 3 and res["a"]["n"] == 3 * (i + 1)
+    whole = torch.cat(batches)
+    expected = compare(FeatureStats.from_features(ext(whole), protocol=ext.protocol(9)), ref["stats"], kid_subset_size=4, kid_subsets=10)
+    assert res["fid"] == pytest.approx(expected["fid"], rel=1e-12)
+    assert res["kid"]["mean"] == pytest.approx(expected["kid"]["mean"], rel=1e-12)
+    single = score_images(whole, ref, ext, mode="single", kid_subset_size=4, kid_subsets=10)
+    assert single["fid"] == pytest.approx(expected["fid"], rel=1e-12)
+    # the same batch again adds nothing; reset starts over
+    again = score_images(batches[0], ref, ext, mode="accumulate", bank_path=bank)
+    assert again["added"] == 0 and again["a"]["n"] == 9
+    assert score_images(batches[1], ref, ext, mode="accumulate", bank_path=bank, reset=True)["a"]["n"] == 3
+    with pytest.raises(UserError, match="at least 2"):
+        score_images(batches[0][:1], ref, ext, mode="single")
+
+
+def test_missing_inception_weights_names_file_and_folder(tmp_path, monkeypatch) -> None:
+    from facediffuser.nodes.fid_nodes import find_weights
+
+    monkeypatch.delenv("FACEDIFFUSER_INCEPTION", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    import torch.hub
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    folder = tmp_path / "models" / "inception"
+    with pytest.raises(UserError) as err:
+        find_weights([folder])
+    assert "weights-inception-2015-12-05-6726825d.pth" in str(err.value) and str(folder) in str(err.value)
+    folder.mkdir(parents=True)
+    (folder / "pt_inception-2015-12-05-6726825d.pth").write_bytes(b"x")
+    assert find_weights([tmp_path / "empty", folder]) == folder / "pt_inception-2015-12-05-6726825d.pth"
+
+
+def test_comparison_chart() -> None:
+    from facediffuser.evaluation.comparison_chart import comparison_chart
+
+    img = comparison_chart([{"label": "base", "fid": 120.5, "kid": 0.05, "kid_std": 0.01, "n": 8},
+                            {"label": "lora", "fid": 80.25, "kid": None, "n": 8}], width=640, height=320)
+    assert img.shape == (320, 640, 3) and img.dtype == np.uint8
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 10  # something was drawn
+    with pytest.raises(UserError):
+        comparison_chart([])
