@@ -101,7 +101,7 @@ def make_demo_checkpoint(out: str | os.PathLike, *, seed: int = 0) -> Path:
     atomically as one single-file ``.safetensors`` (LDM layout) that every loader reads."""
     from safetensors.torch import save_file
 
-    from ..trainer import checkpoint_layout as layout
+    from ..sd import checkpoint_layout as layout
     from ..sd.make_model import build_state_dict, file_metadata
 
     out = Path(out)
