@@ -7,11 +7,11 @@ the sample grid, the loss curve and the LoRA.
 Whatever the user does not give is replaced by a clearly labelled stand-in, and ``report.md`` says
 at the top which parts were real and which were stand-ins:
 
-* model: :func:`.evaluation.demo_model.make_demo_checkpoint` (tiny random UNet and text encoder,
+* model: :func:`.demo_model.make_demo_checkpoint` (tiny random UNet and text encoder,
   hand-set box VAE);
-* data: :mod:`.evaluation.toy_faces` (cartoon faces, train and held-out splits);
+* data: :mod:`.toy_faces` (cartoon faces, train and held-out splits);
 * features: the FID Inception architecture with seeded random weights
-  (:mod:`.evaluation.standin_inception`) when no FID Inception weights are found.
+  (:mod:`.standin_inception`) when no FID Inception weights are found.
 Registration imports argparse only.
 """
 
@@ -151,7 +151,7 @@ def run_demo(out: Path, *, model: str | None = None, data: str | None = None, in
         train_dir, heldout_dir = make_splits(out / "data", n_train=DEMO_DEFAULTS["n_train"], n_heldout=DEMO_DEFAULTS["n_heldout"],
                                              seed=seed, size=size)
         provenance["data"] = (f"STAND-IN: {DEMO_DEFAULTS['n_train']} + {DEMO_DEFAULTS['n_heldout']} procedurally drawn CARTOON "
-                              f"faces ({size} px, evaluation/toy_faces.py), not photographs")
+                              f"faces ({size} px, demo/toy_faces.py), not photographs")
     try:
         weights = find_inception_weights(inception)
         stand_in = False
@@ -161,7 +161,7 @@ def run_demo(out: Path, *, model: str | None = None, data: str | None = None, in
             raise
         weights, stand_in = None, True
         provenance["features"] = ("STAND-IN: the FID Inception v3 architecture with SEEDED RANDOM weights (no FID weights "
-                                  "found; output scaled to a familiar range, evaluation/standin_inception.py); distances "
+                                  "found; output scaled to a familiar range, demo/standin_inception.py); distances "
                                   "are NOT FID")
     timings["setup"] = time.perf_counter() - t0
 

@@ -13,7 +13,7 @@ unchanged): every ResNet's second conv and the mid-block attention's output proj
 ``(d*s, -d*s)``; 2x2 averaging downsamplers / nearest upsamplers carry it; the final GroupNorm
 (groups of 2 channels) sees a zero group mean and a variance far below its eps, so it scales by a
 constant instead of normalising; a bias keeps SiLU in its linear range and ``conv_out`` removes it.
-UNet and text encoder are the tiny random ones of :func:`..trainer.make_model.make_checkpoint`.
+UNet and text encoder are the tiny random ones of :func:`..sd.make_model.make_checkpoint`.
 Everything is labelled in the file metadata and in the demo report.
 """
 
@@ -101,7 +101,7 @@ def make_demo_checkpoint(out: str | os.PathLike, *, seed: int = 0) -> Path:
     atomically as one single-file ``.safetensors`` (LDM layout) that every loader reads."""
     from safetensors.torch import save_file
 
-    from ..trainer import checkpoint_layout as layout
+    from ..sd import checkpoint_layout as layout
     from ..sd.make_model import build_state_dict, file_metadata
 
     out = Path(out)

@@ -90,7 +90,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
 
 def load_generation_pipeline(model: str | os.PathLike, *, sampler: str = "ddim", device: str | None = None,
                              dtype: str | None = None) -> "StableDiffusionPipeline":
-    """The project's pipeline (:func:`..trainer.model_loading.load_pipeline`) with the named sampler.
+    """The project's pipeline (:func:`..sd.model_loading.load_pipeline`) with the named sampler.
 
     ``dtype`` defaults to float16 on CUDA and float32 on CPU."""
     import diffusers

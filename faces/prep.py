@@ -1,7 +1,7 @@
 """``facediffuser prep``: turn a folder of photos into FFHQ-aligned face crops with masks.
 
-For every source image: detect faces (:mod:`.face_detection`), pick which to keep, cut the FFHQ
-square around each (:mod:`.face_align`) and write, mirroring the source sub-folders under DST::
+For every source image: detect faces (:mod:`.detection`), pick which to keep, cut the FFHQ
+square around each (:mod:`.align`) and write, mirroring the source sub-folders under DST::
 
     <name>.png        the aligned crop, size x size RGB
     <name>.json       box and landmarks in crop pixels, score, source file, face index, ...
