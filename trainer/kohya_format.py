@@ -546,8 +546,6 @@ def load_kohya_lora(path: str | os.PathLike[str]) -> tuple[dict[str, "torch.Tens
                 raise UserError(f"{p.name} is not a kohya LoRA: it has no lora_unet_/lora_te_ keys{hint}")
             tensors = {k: fh.get_tensor(k) for k in keys}
     except (SafetensorError, OSError, ValueError) as exc:
-        if isinstance(exc, UserError):
-            raise
         raise UserError(f"{p.name} is not a readable safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     _group_kohya(tensors, p.name)
     return tensors, metadata
