@@ -76,7 +76,8 @@ def _split_user_data(data: Path, out: Path) -> tuple[Path, Path, str]:
     import shutil
 
     from ..errors import UserError
-    from ..evaluation.images import file_sha256, list_images
+    from ..evaluation.images import list_images
+    from ..fileio import file_sha256
     from ..faces.align import MASK_SUFFIX
 
     if (data / "train").is_dir() and (data / "heldout").is_dir():

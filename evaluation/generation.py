@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from ..errors import UserError
-from ..fileio import atomic_path, atomic_write_text
+from ..fileio import atomic_write_png, atomic_write_text
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -156,11 +156,6 @@ def generate(pipe: "StableDiffusionPipeline", prompts: Sequence[str], settings: 
     return out
 
 
-def _save_png(img: "Image.Image", path: Path) -> None:
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
-
-
 def generation_record(model: str | os.PathLike, lora: str | os.PathLike | None, lora_scale: float,
                       prompts: Sequence[str], settings: SamplerSettings, n: int) -> dict[str, Any]:
     """What produced a folder of images: model, LoRA and scale, settings, and per-image prompt and seed."""
@@ -191,7 +186,7 @@ def generate_to_folder(pipe: "StableDiffusionPipeline", out_dir: str | os.PathLi
     with tqdm(total=n, desc=f"generate {label}", unit="img", disable=not progress, leave=False) as bar:
         def save(i: int, img: "Image.Image") -> None:
             p = out / f"{i:05d}.png"
-            _save_png(img, p)
+            atomic_write_png(img, p)
             paths.append(p)
             bar.update(1)
 

@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import UserError
+from ..fileio import file_sha256
 from ..faces.align import is_prep_artifact
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -133,15 +134,6 @@ def to_uint8_nchw(images) -> "torch.Tensor":  # noqa: F821
     elif out.shape[1] == 1:
         out = out.expand(-1, 3, -1, -1)
     return out.contiguous()
-
-
-def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def image_set_digest(paths: Sequence[str | os.PathLike], *, workers: int | None = None) -> tuple[str, list[Path]]:

@@ -15,7 +15,6 @@ Resize modes (the choice moves FID by several percent, so it is recorded in ever
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ..errors import UserError
+from ..fileio import file_sha256
 
 WEIGHTS_FILE_NAMES = (
     "weights-inception-2015-12-05-6726825d.pth",  # torch-fidelity / torchmetrics name
@@ -94,11 +94,7 @@ def weights_sha256(path: str | os.PathLike) -> str:
     st = p.stat()
     key = (str(p), st.st_size, st.st_mtime_ns)
     if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(p, "rb") as fh:
-            while block := fh.read(1 << 22):
-                h.update(block)
-        _SHA_CACHE[key] = h.hexdigest()
+        _SHA_CACHE[key] = file_sha256(p)
     return _SHA_CACHE[key]
 
 

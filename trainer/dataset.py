@@ -21,7 +21,6 @@ to teach anything but blur; images between that and ``resolution`` are upscaled.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from ..errors import UserError
+from ..fileio import file_sha256
 from .captions import build_caption, tag_frequency
 from ..faces.align import MASK_SUFFIX
 
@@ -219,10 +219,10 @@ def _check_one(rec: ImageRecord, min_side: int) -> tuple[ImageRecord | None, str
             mw, mh, _ = _verify(mdata)
             if (mw, mh) != (w, h):
                 raise BadImage(f"mask is {mw}x{mh} but the image is {w}x{h}")
-            mask_sha = hashlib.sha256(mdata).hexdigest()
+            mask_sha = file_sha256(mdata)
         except (OSError, BadImage) as exc:
             notes.append(f"face mask {rec.mask_path.name} ignored: {exc}")
-    out = replace(rec, sha256=hashlib.sha256(data).hexdigest(), width=w, height=h, mask_sha256=mask_sha,
+    out = replace(rec, sha256=file_sha256(data), width=w, height=h, mask_sha256=mask_sha,
                   mask_path=rec.mask_path if mask_sha else None)
     return out, None, notes
 

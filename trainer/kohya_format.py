@@ -24,7 +24,6 @@ else with one line. Training-set membership for the evaluator's overlap guard:
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import UserError
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, file_sha256
 from ..sd.safetensors_io import canonicalize, split_blob
 
 if TYPE_CHECKING:  # torch/safetensors are imported inside functions (docs/internals.md)
@@ -300,8 +299,7 @@ def network_dims(tensors: Mapping[str, "torch.Tensor"]) -> dict[str, tuple[int, 
 
 def image_digest(image: str | os.PathLike[str] | bytes) -> str:
     """The per-image digest stored in the file: sha256 of the file's bytes, first 16 hex digits."""
-    data = image if isinstance(image, bytes) else Path(image).read_bytes()
-    return hashlib.sha256(data).hexdigest()[:IMAGE_DIGEST_HEX]
+    return file_sha256(image)[:IMAGE_DIGEST_HEX]
 
 
 def training_image_digests(metadata: Mapping[str, str]) -> frozenset[str] | None:
@@ -493,8 +491,8 @@ def safetensors_hashes(tensors: Mapping[str, "torch.Tensor"], metadata: Mapping[
     from safetensors.torch import save
 
     blob = save(dict(tensors), metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
-    model_hash = hashlib.sha256(_data_section(blob)).hexdigest()
-    legacy_hash = hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
+    model_hash = file_sha256(_data_section(blob))
+    legacy_hash = file_sha256(blob[0x100000:0x110000])[:8]
     return model_hash, legacy_hash
 
 
@@ -521,7 +519,7 @@ def save_kohya_lora(path: str | os.PathLike[str], tensors: Mapping[str, "torch.T
     meta = dict(metadata)
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = safetensors_hashes(out, meta)
     blob = canonicalize(save(out, metadata=meta))  # same tensors + metadata -> same bytes, in any process
-    if hashlib.sha256(_data_section(blob)).hexdigest() != meta["sshs_model_hash"]:  # the header must not move data
+    if file_sha256(_data_section(blob)) != meta["sshs_model_hash"]:  # the header must not move data
         raise AssertionError("sshs_model_hash does not match the data written")
     atomic_write_bytes(path, blob)
     return meta
