@@ -76,7 +76,7 @@ def _split_user_data(data: Path, out: Path) -> tuple[Path, Path, str]:
     import shutil
 
     from ..errors import UserError
-    from ..evaluation.images import list_images
+    from ..image_files import list_images
     from ..fileio import file_sha256
     from ..faces.align import MASK_SUFFIX
 

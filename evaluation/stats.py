@@ -133,7 +133,8 @@ def folder_features(folder: str | os.PathLike, extractor, *, cache_dir: str | os
 
     Looked up first in the cache by (image-set content, extractor); computed and stored otherwise.
     """
-    from .images import image_set_digest, list_images
+    from ..image_files import list_images
+    from .images import image_set_digest
 
     files = list_images(folder)
     digest, files = image_set_digest(files)

@@ -184,7 +184,8 @@ def _face_metrics(real: Sequence[Path], base: Sequence[Path], ft: Sequence[Path]
 def run_table(cfg: TableConfig) -> dict[str, Any]:
     """Generate, embed, compare, and write results.json, table.md, fid_bar_chart.png, samples_grid.png."""
     from .generation import generate_pair
-    from .images import image_set_digest, list_images
+    from ..image_files import list_images
+    from .images import image_set_digest
     from .report import write_table_outputs
 
     t0 = time.perf_counter()

@@ -1,6 +1,7 @@
 """``facediffuser prep``: turn a folder of photos into FFHQ-aligned face crops with masks.
 
-For every source image: detect faces (:mod:`.detection`), pick which to keep, cut the FFHQ
+For every source image (listed by :func:`..image_files.list_images`, decoded by
+:func:`..image_files.load_rgb`, as the trainer does): detect faces (:mod:`.detection`), pick which to keep, cut the FFHQ
 square around each (:mod:`.align`) and write, mirroring the source sub-folders under DST::
 
     <name>.png        the aligned crop, size x size RGB
@@ -29,10 +30,10 @@ import numpy as np
 
 from ..errors import UserError
 from ..fileio import atomic_write_json
+from ..image_files import list_images, load_rgb
 from .align import DEBUG_DIR, MASK_SUFFIX, align_face, mask_debug_image, save_image_atomic, save_mask
 from .detection import DEFAULT_BACKEND, DEFAULT_MIN_SCORE, LANDMARK_NAMES, Face, detect_faces
 
-SOURCE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 SUMMARY_NAME = "prep_summary.json"
 JOURNAL_NAME = ".prep_journal.jsonl"
 FACE_MODES = ("largest", "one-only", "all")
@@ -112,9 +113,7 @@ def prep_folder(
         raise UserError(f"destination is a file, not a folder: {dst_root}")
     if dst_root.resolve() == src_root.resolve():
         raise UserError("DST must differ from SRC: prep writes <name>.png crops that would overwrite the photos")
-    sources = list_sources(src_root, exclude=dst_root)
-    if not sources:
-        raise UserError(f"no images in {src_root} (looked for {', '.join(SOURCE_EXTENSIONS)}, recursively)")
+    sources = list_images(src_root, exclude=dst_root, what="source folder")
     dst_root.mkdir(parents=True, exist_ok=True)
     names = _output_stems(src_root, sources)
     key = settings.key()
@@ -147,21 +146,6 @@ def prep_folder(
     return _write_summary(src_root, dst_root, settings, records, resumed)
 
 
-def list_sources(root: Path, *, exclude: Path | None = None) -> list[Path]:
-    """Image files under ``root`` (sorted; hidden folders, masks and ``exclude`` skipped)."""
-    skip = exclude.resolve() if exclude is not None else None
-    out: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        d = Path(dirpath)
-        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and (skip is None or (d / n).resolve() != skip))
-        for name in sorted(filenames):
-            low = name.lower()
-            if name.startswith(".") or low.endswith(MASK_SUFFIX) or not low.endswith(SOURCE_EXTENSIONS):
-                continue
-            out.append(d / name)
-    return sorted(out, key=lambda p: p.relative_to(root).as_posix())
-
-
 def _output_stems(root: Path, sources: Iterable[Path]) -> dict[Path, Path]:
     """Output path stem (relative folder + name, no extension) per source; clashing stems keep their
     extension so ``a.jpg`` and ``a.png`` do not overwrite each other."""
@@ -181,7 +165,7 @@ def _prep_one(path: Path, rel: str, dst_root: Path, out_stem_rel: Path, s: PrepS
     """Process one source; returns its journal record (outputs written, or why it was dropped)."""
     rec: dict[str, Any] = {"source": rel, "outputs": [], "dropped": None, "detail": "", "faces_detected": 0}
     try:
-        image = _load_rgb(path)
+        image = load_rgb(path)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is "unreadable"
         rec.update(dropped="unreadable", detail=f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
         return rec
@@ -206,19 +190,6 @@ def _prep_one(path: Path, rel: str, dst_root: Path, out_stem_rel: Path, s: PrepS
         rec["outputs"].append(base.name)
     rec["folder"] = out_stem_rel.parent.as_posix()
     return rec
-
-
-def _load_rgb(path: Path) -> "Any":
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        im.load()
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            rgba = im.convert("RGBA")
-            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(bg, rgba).convert("RGB")
-        return im.convert("RGB")
 
 
 def _detect(image: Any, s: PrepSettings, *, device: str | None) -> list[Face]:

@@ -50,7 +50,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 from ..errors import UserError
 from ..fileio import atomic_path
 from .captions import augment_caption
-from .dataset import BadImage, ImageRecord, prepare_image, prepare_mask
+from ..image_files import BadImage
+from .dataset import ImageRecord, prepare_image, prepare_mask
 
 if TYPE_CHECKING:
     import torch

@@ -103,7 +103,7 @@ def test_kid_std_is_none_only_when_every_subset_is_the_whole_set():
 def test_overlap_guard_refuses_training_images(trained, sd15_tiny_checkpoint, tmp_path):
     from facediffuser.errors import UserError
     from facediffuser.evaluation.table import TableConfig, check_overlap, run_table
-    from facediffuser.evaluation.images import list_images
+    from facediffuser.image_files import list_images
 
     d, train_dir, _, lora = trained
     with pytest.raises(UserError, match="training set"):
