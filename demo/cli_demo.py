@@ -76,9 +76,8 @@ def _split_user_data(data: Path, out: Path) -> tuple[Path, Path, str]:
     import shutil
 
     from ..errors import UserError
-    from ..image_files import list_images
     from ..fileio import file_sha256
-    from ..faces.align import MASK_SUFFIX
+    from ..image_files import MASK_SUFFIX, list_images
 
     if (data / "train").is_dir() and (data / "heldout").is_dir():
         return data / "train", data / "heldout", "your train/ and heldout/ folders, as given"

@@ -2,7 +2,7 @@
 
 For every source image (listed by :func:`..image_files.list_images`, decoded by
 :func:`..image_files.load_rgb`, as the trainer does): detect faces (:mod:`.detection`), pick which to keep, cut the FFHQ
-square around each (:mod:`.align`) and write, mirroring the source sub-folders under DST::
+square around each (:mod:`.align`), mask it (:mod:`.masks`) and write, mirroring the source sub-folders under DST::
 
     <name>.png        the aligned crop, size x size RGB
     <name>.json       box and landmarks in crop pixels, score, source file, face index, ...
@@ -29,9 +29,10 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..errors import UserError
-from ..fileio import atomic_write_json
-from ..image_files import list_images, load_rgb
-from .align import DEBUG_DIR, MASK_SUFFIX, align_face, mask_debug_image, save_image_atomic, save_mask
+from ..fileio import atomic_write_json, atomic_write_png
+from ..image_files import DEBUG_DIR, MASK_SUFFIX, list_images, load_rgb
+from .align import align_face
+from .masks import face_mask, mask_debug_image, save_mask
 from .detection import DEFAULT_BACKEND, DEFAULT_MIN_SCORE, LANDMARK_NAMES, Face, detect_faces
 
 SUMMARY_NAME = "prep_summary.json"
@@ -215,12 +216,13 @@ def _write_face(image: Any, face: Face, root: Path, base: Path, rel: str, index:
     """Crop, mask, metadata (and the debug overlay) for one face; each file atomically, the JSON
     last so that its presence means the set is complete."""
     aligned = align_face(image, face.landmarks, s.size, box=face.box)
+    mask = face_mask(aligned.landmarks, (s.size, s.size))
     img_path = root / base.with_name(base.name + ".png")
-    save_image_atomic(aligned.image, img_path)
-    save_mask(aligned.mask, root / base.with_name(base.name + MASK_SUFFIX))
+    atomic_write_png(aligned.image, img_path)
+    save_mask(mask, root / base.with_name(base.name + MASK_SUFFIX))
     if s.debug_masks:
-        save_image_atomic(mask_debug_image(aligned.image, aligned.mask, aligned.landmarks),
-                          root / DEBUG_DIR / base.with_name(base.name + ".png"))
+        atomic_write_png(mask_debug_image(aligned.image, mask, aligned.landmarks),
+                         root / DEBUG_DIR / base.with_name(base.name + ".png"))
     meta = {
         "source": rel,
         "face_index": index,

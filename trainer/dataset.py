@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from ..errors import UserError
+from ..faces.masks import read_mask
 from ..fileio import file_sha256
-from ..image_files import CONVERSIONS, MASK_SUFFIX, SUPPORTED_MODES, BadImage, list_images, load_rgb, open_image, to_rgb
+from ..image_files import CONVERSIONS, MASK_SUFFIX, SUPPORTED_MODES, BadImage, list_images, load_rgb, open_image
 from .captions import build_caption, tag_frequency
 
 if TYPE_CHECKING:  # heavy imports stay inside functions (see docs/internals.md)
@@ -258,27 +259,13 @@ def prepare_image(path: str | os.PathLike, resolution: int, *, flip: bool = Fals
 def prepare_mask(path: str | os.PathLike, size: int, *, flip: bool = False) -> "torch.Tensor":
     """A face mask at ``size`` x ``size`` (latent size): (1, size, size) float32 in [0, 1].
 
-    Same centre crop as the image; area-averaged (box filter) so a latent cell holds the fraction
-    of its pixels that are face. Grayscale white = face; a mask with a varying alpha channel uses
-    the alpha (kohya's ``--alpha_mask`` convention).
+    Read by :func:`..faces.masks.read_mask`; the same centre crop as the image, area-averaged (box
+    filter) so a latent cell holds the fraction of its pixels that are face.
     """
     import numpy as np
     import torch
-    from PIL import Image, ImageOps
+    from PIL import Image
 
-    try:
-        img = Image.open(path)
-        img = ImageOps.exif_transpose(img)
-        img.load()
-    except Exception as exc:  # noqa: BLE001
-        raise BadImage(f"unreadable face mask ({exc})") from None
-    alpha = None
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        alpha = img.convert("RGBA").getchannel("A")
-    if alpha is not None and alpha.getextrema()[0] != alpha.getextrema()[1]:
-        img = alpha
-    elif img.mode != "L":
-        img = to_rgb(img).convert("L")
-    m = fit_square(img, size, Image.Resampling.BOX)
+    m = fit_square(read_mask(path), size, Image.Resampling.BOX)
     t = torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0).unsqueeze(0)
     return t.flip(-1).contiguous() if flip else t.contiguous()

@@ -618,7 +618,7 @@ def _diffusion_loss(config: TrainConfig, models: Any, batch: dict[str, Any], gen
     import torch
     from diffusers.training_utils import compute_snr
 
-    from ..faces.align import face_weight_map, weighted_mse
+    from ..faces.masks import face_weight_map, weighted_mse
 
     scheduler = models.noise_scheduler
     latents = _latents(models, batch, device, gen)
