@@ -73,21 +73,6 @@ def image_seed(settings: SamplerSettings, index: int) -> int:
     return int(settings.seed) + int(index)
 
 
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """One prompt per non-empty line; ``#`` starts a comment line."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"prompts file not found: {p}")
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise UserError(f"prompts file {p} is not UTF-8 text") from None
-    prompts = [" ".join(line.split()) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise UserError(f"prompts file {p} has no prompts (one per line)")
-    return prompts
-
-
 def load_generation_pipeline(model: str | os.PathLike, *, sampler: str = "ddim", device: str | None = None,
                              dtype: str | None = None) -> "StableDiffusionPipeline":
     """The project's pipeline (:func:`..sd.model_loading.load_pipeline`) with the named sampler.

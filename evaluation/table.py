@@ -85,7 +85,7 @@ def choose_prompts(prompts_file: str | None, real_files: Sequence[Path], lora: s
     trigger word with the default template. Returns (prompts, where they came from)."""
     from ..trainer.captions import read_caption_file
     from ..trainer.kohya_format import META_TRIGGER, load_kohya_lora
-    from .generation import read_prompts
+    from ..sd.prompts import read_prompts
 
     if prompts_file:
         return read_prompts(prompts_file), f"file {prompts_file}"
