@@ -63,9 +63,9 @@ class TableConfig:
 def check_overlap(lora: str | os.PathLike, real_files: Sequence[Path], *, allow: bool) -> dict[str, Any]:
     """Compare the real images with the LoRA's recorded training set. Raises on overlap unless
     ``allow``; returns what was found (for results.json)."""
-    from ..trainer.kohya_format import image_digest, load_kohya_lora, training_image_digests
+    from ..trainer.kohya_format import image_digest, read_lora_metadata, training_image_digests
 
-    _, metadata = load_kohya_lora(lora)
+    metadata = read_lora_metadata(lora)
     digests = training_image_digests(metadata)
     if digests is None:
         return {"checked": False, "n_overlap": None, "allowed": allow,
@@ -84,7 +84,7 @@ def choose_prompts(prompts_file: str | None, real_files: Sequence[Path], lora: s
     """Prompts from the file; else the held-out reals' captions (``<stem>.txt``); else the LoRA's
     trigger word with the default template. Returns (prompts, where they came from)."""
     from ..trainer.captions import read_caption_file
-    from ..trainer.kohya_format import META_TRIGGER, load_kohya_lora
+    from ..trainer.kohya_format import META_TRIGGER, read_lora_metadata
     from ..sd.prompts import read_prompts
 
     if prompts_file:
@@ -98,7 +98,7 @@ def choose_prompts(prompts_file: str | None, real_files: Sequence[Path], lora: s
                 captions.append(text)
     if captions:
         return captions, f"captions of the {len(captions)} held-out real images"
-    _, metadata = load_kohya_lora(lora)
+    metadata = read_lora_metadata(lora)
     trigger = metadata.get(META_TRIGGER) or metadata.get("modelspec.trigger_phrase")
     if trigger:
         return [f"{trigger}, {DEFAULT_PROMPT}"], "LoRA metadata (trigger word + default template)"

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import UserError
 from ..fileio import atomic_write_bytes, file_sha256
-from ..sd.safetensors_io import canonicalize, split_blob
+from ..sd.safetensors_io import Header, canonicalize, read_header, split_blob
 
 if TYPE_CHECKING:  # torch/safetensors are imported inside functions (docs/internals.md)
     import torch
@@ -525,25 +525,37 @@ def save_kohya_lora(path: str | os.PathLike[str], tensors: Mapping[str, "torch.T
     return meta
 
 
-def load_kohya_lora(path: str | os.PathLike[str]) -> tuple[dict[str, "torch.Tensor"], dict[str, str]]:
-    """Read a kohya LoRA: ``(tensors, metadata)``, tensors as stored (use :func:`kohya_to_peft` or
-    :func:`kohya_delta_weights`). Anything that is not one raises a one-line :class:`UserError`."""
-    from safetensors import SafetensorError, safe_open
+def read_lora_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """A kohya LoRA's metadata from its header alone (no tensor is read; see
+    :func:`..sd.safetensors_io.read_header`). Anything that is not a LoRA raises a one-line UserError."""
+    return _lora_header(path).metadata
 
+
+def _lora_header(path: str | os.PathLike[str]) -> Header:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"LoRA file not found: {p}")
     if p.suffix.lower() != ".safetensors":
         raise UserError(f"{p.name}: LoRA files must be .safetensors (got {p.suffix or 'no extension'})")
+    header = read_header(p)  # its errors name the file and what is wrong with it
+    keys = header.tensors
+    if not any(k.startswith((UNET_PREFIX,) + TE_READ_PREFIXES + ("lora_te2_",)) for k in keys):
+        hint = " (it looks like a full model checkpoint)" if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in keys) else ""
+        raise UserError(f"{p.name} is not a kohya LoRA: it has no lora_unet_/lora_te_ keys{hint}")
+    return header
+
+
+def load_kohya_lora(path: str | os.PathLike[str]) -> tuple[dict[str, "torch.Tensor"], dict[str, str]]:
+    """Read a kohya LoRA: ``(tensors, metadata)``, tensors as stored (use :func:`kohya_to_peft` or
+    :func:`kohya_delta_weights`). Anything that is not one raises a one-line :class:`UserError`."""
+    from safetensors import SafetensorError, safe_open
+
+    header = _lora_header(path)
+    p = Path(path)
     try:
         with safe_open(str(p), framework="pt") as fh:
-            metadata = dict(fh.metadata() or {})
-            keys = list(fh.keys())
-            if not any(k.startswith((UNET_PREFIX,) + TE_READ_PREFIXES + ("lora_te2_",)) for k in keys):
-                hint = " (it looks like a full model checkpoint)" if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in keys) else ""
-                raise UserError(f"{p.name} is not a kohya LoRA: it has no lora_unet_/lora_te_ keys{hint}")
-            tensors = {k: fh.get_tensor(k) for k in keys}
+            tensors = {k: fh.get_tensor(k) for k in header.tensors}
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{p.name} is not a readable safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     _group_kohya(tensors, p.name)
-    return tensors, metadata
+    return tensors, header.metadata

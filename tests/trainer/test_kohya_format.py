@@ -388,11 +388,11 @@ def test_load_rejects_what_is_not_a_lora_with_one_line(tmp_path):
     _one_line_error(tmp_path / "missing.safetensors", "not found")
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + os.urandom(64))
-    _one_line_error(junk, "not a readable safetensors")
+    _one_line_error(junk, "junk.safetensors: not a valid safetensors file")
     truncated = tmp_path / "trunc.safetensors"
     kf.save_kohya_lora(truncated, _big_lora(), {})
     truncated.write_bytes(truncated.read_bytes()[:5000])
-    _one_line_error(truncated, "not a readable safetensors")
+    _one_line_error(truncated, "trunc.safetensors: safetensors file is truncated")
     ckpt = tmp_path / "model.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2)}, ckpt)
     _one_line_error(ckpt, "full model checkpoint")
