@@ -181,7 +181,7 @@ def run_demo(out: Path, *, model: str | None = None, data: str | None = None, in
     results = run_table(TableConfig(
         model=str(model_path), lora=str(lora), real=str(heldout_dir), out=str(out), n=n, settings=settings,
         inception=str(weights) if weights else None, stand_in_extractor=stand_in, progress=progress,
-        batch_size=8, kid_subsets=100,
+        batch_size=8,
     ))
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0

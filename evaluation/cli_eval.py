@@ -12,9 +12,11 @@ import importlib
 import sys
 from typing import Any, Callable
 
+from .inception import DEFAULT_RESIZE, RESIZE_MODES  # light: torch is imported inside its functions
+from .kid import DEFAULT_SEED, DEFAULT_SUBSET_SIZE, DEFAULT_SUBSETS
+
 # eval sub-commands defined elsewhere (relative to this package), in --help order.
 _EVAL_COMMAND_MODULES = ["cli_eval_table"]
-RESIZE_CHOICES = ("tf1", "pytorch-fid", "torch-antialias")  # = inception.RESIZE_MODES (no torch here)
 
 
 def register(subparsers: Any) -> argparse._SubParsersAction:
@@ -40,9 +42,8 @@ def register(subparsers: Any) -> argparse._SubParsersAction:
                        description="Print FID with N, KID ± std when both sides have features, and the protocol.")
     f.add_argument("a", metavar="A", help="Folder of images or .npz stats file.")
     f.add_argument("b", metavar="B", help="Folder of images or .npz stats file.")
-    f.add_argument("--kid-subsets", type=int, default=100, metavar="K", help="KID: number of random subsets (default: 100).")
-    f.add_argument("--kid-subset-size", type=int, default=1000, metavar="M", help="KID: subset size, capped at the smaller N (default: 1000).")
-    f.add_argument("--seed", type=int, default=2020, metavar="S", help="KID subset seed (default: 2020, torch-fidelity's).")
+    add_kid_arguments(f)
+    f.add_argument("--seed", type=int, default=DEFAULT_SEED, metavar="S", help="KID subset seed (default: %(default)s, torch-fidelity's).")
     f.add_argument("--json", action="store_true", help="Print one JSON object instead of text.")
     add_extractor_arguments(f)
     f.set_defaults(func=_run_fid)
@@ -64,12 +65,25 @@ def add_extractor_arguments(parser: argparse.ArgumentParser) -> None:
                         "or pt_inception-…); default: $FACEDIFFUSER_INCEPTION, then $TORCH_HOME/hub/checkpoints.")
     parser.add_argument("--batch-size", type=int, default=50, metavar="B", help="Images per Inception batch (default: 50).")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
-    parser.add_argument("--resize", choices=RESIZE_CHOICES, default="tf1",
-                        help="Resize/normalisation convention (default: tf1 = standard TF-compatible FID; "
-                        "pytorch-fid = pytorch-fid's numbers; torch-antialias = torchmetrics>=1.8 default).")
+    add_resize_argument(parser)
     parser.add_argument("--cache-dir", metavar="DIR", help="Feature cache (default: $FACEDIFFUSER_CACHE or ~/.cache/facediffuser/features).")
     parser.add_argument("--no-cache", action="store_true", help="Neither read nor write the feature cache.")
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
+
+
+def add_resize_argument(parser: argparse.ArgumentParser) -> None:
+    """``--resize``, its choices and their meaning from :data:`.inception.RESIZE_MODES`."""
+    parser.add_argument("--resize", choices=tuple(RESIZE_MODES), default=DEFAULT_RESIZE,
+                        help="Resize/normalisation convention of the Inception input (default: %(default)s): "
+                        + "; ".join(f"{k} = {v}" for k, v in RESIZE_MODES.items()) + ".")
+
+
+def add_kid_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--kid-subsets`` and ``--kid-subset-size`` with the defaults of :mod:`.kid`."""
+    parser.add_argument("--kid-subsets", type=int, default=DEFAULT_SUBSETS, metavar="K",
+                        help="KID: number of random subsets (default: %(default)s).")
+    parser.add_argument("--kid-subset-size", type=int, default=DEFAULT_SUBSET_SIZE, metavar="M",
+                        help="KID: subset size, capped at the smaller N (default: %(default)s).")
 
 
 def extractor_factory(args: argparse.Namespace) -> Callable[[], Any]:

@@ -32,11 +32,13 @@ WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0
 ENV_VAR = "FACEDIFFUSER_INCEPTION"
 FEATURE_DIM = 2048
 EXTRACTOR_NAME = "inception-v3-compat"
+#: the resize convention of the Inception input (it moves FID by several percent); one name each
 RESIZE_MODES = {
     "tf1": "TF1-compatible bilinear to 299, (x-128)/128: standard FID (TTUR, torch-fidelity)",
     "pytorch-fid": "torch bilinear (no antialias) to 299, 2x/255-1: pytorch-fid 0.3 convention",
     "torch-antialias": "torch bilinear with antialias to 299, (x-128)/128: torchmetrics>=1.8 default, not TF-compatible",
 }
+DEFAULT_RESIZE = "tf1"
 _TRUNK = (
     "Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
     "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
@@ -183,7 +185,7 @@ class InceptionFeatures:
         models_dir: str | os.PathLike | None = None,
         device: Any = None,
         batch_size: int = 50,
-        resize: str = "tf1",
+        resize: str = DEFAULT_RESIZE,
         channels_last: bool | None = None,
         progress: bool = True,
     ) -> None:

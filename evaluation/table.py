@@ -27,6 +27,8 @@ from typing import Any, Sequence
 
 from ..errors import UserError
 from .generation import SamplerSettings
+from .inception import DEFAULT_RESIZE
+from .kid import DEFAULT_SEED, DEFAULT_SUBSET_SIZE, DEFAULT_SUBSETS
 
 DEFAULT_PROMPT = "a photo of a face"
 SCHEMA = "facediffuser.eval_table/1"
@@ -47,13 +49,13 @@ class TableConfig:
     inception: str | None = None
     stand_in_extractor: bool = False
     allow_overlap: bool = False
-    resize: str = "tf1"
+    resize: str = DEFAULT_RESIZE
     device: str | None = None
     dtype: str | None = None
     batch_size: int = 4
-    kid_subsets: int = 100
-    kid_subset_size: int = 1000
-    kid_seed: int = 2020
+    kid_subsets: int = DEFAULT_SUBSETS
+    kid_subset_size: int = DEFAULT_SUBSET_SIZE
+    kid_seed: int = DEFAULT_SEED
     face_metrics: bool = True
     progress: bool = True
 

@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import UserError
+from ..evaluation.inception import DEFAULT_RESIZE, RESIZE_MODES  # light: torch only inside functions
+from ..evaluation.kid import DEFAULT_SUBSET_SIZE, DEFAULT_SUBSETS
 
 log = logging.getLogger("facediffuser")
 
 CATEGORY = "FaceDiffuser/evaluation"
 COMPUTE_FROM_FOLDER = "(compute from folder)"
-RESIZE_MODES = ("tf1", "pytorch-fid", "torch-antialias")  # = evaluation.inception.RESIZE_MODES (no torch import here)
 MODES = ("single", "accumulate")
 
 _EXTRACTORS: dict[tuple, Any] = {}  # one loaded Inception per (weights file, resize, device)
@@ -86,7 +87,7 @@ def make_reference(folder: str | os.PathLike | None, stats_file: str | os.PathLi
 
 
 def score_images(images: Any, reference: dict, extractor: Any, *, mode: str = "single", bank_path: str | os.PathLike | None = None,
-                 reset: bool = False, kid_subsets: int = 100, kid_subset_size: int = 1000) -> dict:
+                 reset: bool = False, kid_subsets: int = DEFAULT_SUBSETS, kid_subset_size: int = DEFAULT_SUBSET_SIZE) -> dict:
     """FID/KID of ``images`` (ComfyUI IMAGE or uint8 NCHW) against ``reference``, the way
     ``facediffuser eval fid`` computes them; in ``accumulate`` mode over the whole feature bank."""
     from ..evaluation.feature_bank import FeatureBank
@@ -183,7 +184,8 @@ class FaceDiffuserFIDReference:
                 "folder": ("STRING", {"default": "real_faces", "tooltip": "Folder of real face images, relative to ComfyUI's input folder (ignored when a stats file is picked)."}),
                 "stats_file": ([COMPUTE_FROM_FOLDER] + comfy_filename_list(FID_STATS_FOLDER), {"tooltip": "A saved reference (.npz in models/fid_stats), or compute it from the folder."}),
                 "save_as": ("STRING", {"default": "", "tooltip": "When computing from the folder: also save the stats as models/fid_stats/<save_as>.npz (empty = do not save)."}),
-                "resize": (list(RESIZE_MODES), {"default": "tf1", "tooltip": "Resize convention of the Inception input: tf1 = standard FID (TTUR/torch-fidelity), pytorch-fid, or torch-antialias (torchmetrics>=1.8)."}),
+                "resize": (list(RESIZE_MODES), {"default": DEFAULT_RESIZE, "tooltip": "Resize convention of the Inception input: "
+                                                + "; ".join(f"{k} = {v}" for k, v in RESIZE_MODES.items())}),
             },
         }
 
@@ -230,8 +232,8 @@ class FaceDiffuserFID:
                 "label": ("STRING", {"default": "base", "tooltip": "Name of this series (chart label); in accumulate mode also the feature bank's name."}),
                 "mode": (list(MODES), {"default": "single", "tooltip": "single: score this batch; accumulate: add it to the bank and score the bank."}),
                 "reset": ("BOOLEAN", {"default": False, "tooltip": "accumulate: empty the bank before adding this batch."}),
-                "kid_subsets": ("INT", {"default": 100, "min": 1, "max": 10000, "tooltip": "KID: number of random subsets."}),
-                "kid_subset_size": ("INT", {"default": 1000, "min": 2, "max": 100000, "tooltip": "KID: subset size (capped at the smaller N)."}),
+                "kid_subsets": ("INT", {"default": DEFAULT_SUBSETS, "min": 1, "max": 10000, "tooltip": "KID: number of random subsets."}),
+                "kid_subset_size": ("INT", {"default": DEFAULT_SUBSET_SIZE, "min": 2, "max": 100000, "tooltip": "KID: subset size (capped at the smaller N)."}),
             },
         }
 
@@ -243,7 +245,7 @@ class FaceDiffuserFID:
     def score(self, images, reference, label, mode, reset, kid_subsets, kid_subset_size):
         from .paths import BANKS_SUBDIR, bank_file_name, comfy_output_dir
 
-        resize = reference.get("resize") or "tf1"
+        resize = reference.get("resize") or DEFAULT_RESIZE
         extractor = _comfy_extractor_factory(resize)()
         bank = comfy_output_dir() / BANKS_SUBDIR / bank_file_name(label) if mode == "accumulate" else None
         res = score_images(images, reference, extractor, mode=mode, bank_path=bank, reset=bool(reset),

@@ -315,3 +315,25 @@ def test_comparison_chart() -> None:
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 10  # something was drawn
     with pytest.raises(UserError):
         comparison_chart([])
+
+
+def test_kid_defaults_and_resize_modes_have_one_definition(fake_folder_paths) -> None:
+    """The node, the CLI and the table take KID defaults and resize names from evaluation/."""
+    from facediffuser.cli import build_parser
+    from facediffuser.evaluation.inception import DEFAULT_RESIZE, RESIZE_MODES
+    from facediffuser.evaluation.kid import DEFAULT_SEED, DEFAULT_SUBSET_SIZE, DEFAULT_SUBSETS
+    from facediffuser.evaluation.table import TableConfig
+    from facediffuser.nodes.fid_nodes import FaceDiffuserFID, FaceDiffuserFIDReference
+
+    req = FaceDiffuserFID.INPUT_TYPES()["required"]
+    assert (req["kid_subsets"][1]["default"], req["kid_subset_size"][1]["default"]) == (DEFAULT_SUBSETS, DEFAULT_SUBSET_SIZE)
+    resize = FaceDiffuserFIDReference.INPUT_TYPES()["required"]["resize"]
+    assert resize[0] == list(RESIZE_MODES) and resize[1]["default"] == DEFAULT_RESIZE
+    fid = build_parser().parse_args(["eval", "fid", "a", "b"])
+    assert (fid.kid_subsets, fid.kid_subset_size, fid.seed, fid.resize) == (DEFAULT_SUBSETS, DEFAULT_SUBSET_SIZE, DEFAULT_SEED, DEFAULT_RESIZE)
+    table = build_parser().parse_args(["eval", "table", "--model", "m", "--lora", "l", "--real", "r", "--out", "o"])
+    cfg = TableConfig(model="m", lora="l", real="r", out="o")
+    assert (table.kid_subsets, table.kid_subset_size) == (cfg.kid_subsets, cfg.kid_subset_size) == (DEFAULT_SUBSETS, DEFAULT_SUBSET_SIZE)
+    assert cfg.kid_seed == DEFAULT_SEED and table.resize == DEFAULT_RESIZE
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "fid", "a", "b", "--resize", "bicubic"])
