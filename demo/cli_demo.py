@@ -121,8 +121,8 @@ def run_demo(out: Path, *, model: str | None = None, data: str | None = None, in
     from ..errors import UserError
     from .demo_model import DEMO_VAE_NOTE, make_demo_checkpoint
     from ..evaluation.generation import SamplerSettings
-    from ..evaluation.inception import find_inception_weights
-    from ..evaluation.table import TableConfig, run_table
+    from ..evaluation.inception import InceptionFeatures, find_inception_weights
+    from ..evaluation.table import FeatureCaveat, TableConfig, run_table
     from .toy_faces import make_splits
     from ..trainer.config import TrainConfig
     from ..trainer.training_loop import train
@@ -152,14 +152,17 @@ def run_demo(out: Path, *, model: str | None = None, data: str | None = None, in
                                              seed=seed, size=size)
         provenance["data"] = (f"STAND-IN: {DEMO_DEFAULTS['n_train']} + {DEMO_DEFAULTS['n_heldout']} procedurally drawn CARTOON "
                               f"faces ({size} px, demo/toy_faces.py), not photographs")
+    caveat = None
     try:
         weights = find_inception_weights(inception)
-        stand_in = False
         provenance["features"] = f"REAL: FID Inception weights {weights}"
     except UserError:
         if inception:
             raise
-        weights, stand_in = None, True
+        from .standin_inception import STANDIN_NOTE, standin_description
+
+        weights = None
+        caveat = FeatureCaveat("STAND-IN random-weight features", STANDIN_NOTE, standin_description())
         provenance["features"] = ("STAND-IN: the FID Inception v3 architecture with SEEDED RANDOM weights (no FID weights "
                                   "found; output scaled to a familiar range, demo/standin_inception.py); distances "
                                   "are NOT FID")
@@ -178,11 +181,16 @@ def run_demo(out: Path, *, model: str | None = None, data: str | None = None, in
 
     t = time.perf_counter()
     settings = SamplerSettings(steps=sample_steps, cfg=DEMO_DEFAULTS["cfg"], size=size, sampler="ddim", seed=seed)
+
+    def make_extractor():  # the FID Inception if found, else the labelled stand-in (built once, cached)
+        from .standin_inception import default_standin_dir, standin_weights
+
+        return InceptionFeatures(weights or standin_weights(default_standin_dir()), progress=progress)
+
     results = run_table(TableConfig(
         model=str(model_path), lora=str(lora), real=str(heldout_dir), out=str(out), n=n, settings=settings,
-        inception=str(weights) if weights else None, stand_in_extractor=stand_in, progress=progress,
-        batch_size=8,
-    ))
+        progress=progress, batch_size=8,
+    ), make_extractor, caveat=caveat)
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     report = write_demo_report(out, results, provenance, result, timings)

@@ -135,17 +135,15 @@ def _run_fid(args: argparse.Namespace) -> int:
     b = stats_for(args.b, make, cache_dir=args.cache_dir, use_cache=not args.no_cache)
     res = compare(a, b, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, seed=args.seed)
     if args.json:
-        print(json.dumps(res, indent=2, sort_keys=True))
+        print(json.dumps(res.to_dict(), indent=2, sort_keys=True))
     else:
-        na, nb = a.n if a.n is not None else "?", b.n if b.n is not None else "?"
-        print(f"FID {res['fid']:.4f}  (A: N={na}, B: N={nb}; FID is biased at small N: compare at equal N)")
-        if res["kid"]:
-            k = res["kid"]
-            print(f"KID {k['mean']:.6f} ± {k['std']:.6f}  ({k['subsets']} subsets of {k['subset_size']}, seed {k['seed']})")
+        na, nb = res.n_a if res.n_a is not None else "?", res.n_b if res.n_b is not None else "?"
+        print(f"FID {res.fid:.4f}  (A: N={na}, B: N={nb}; FID is biased at small N: compare at equal N)")
+        if res.kid_mean is not None:
+            print(f"KID {res.kid_text()}  ({res.kid_subsets} subsets of {res.kid_subset_size}, seed {res.kid_seed})")
         else:
             print("KID n/a  (a side has only mu/sigma; write stats with features: facediffuser eval stats DIR --out FILE)")
-        shown = a.protocol or b.protocol
-        print(protocol_line(shown))
-    for w in res["warnings"]:
+        print(protocol_line(res.protocol))
+    for w in res.warnings:
         print(f"warning: {w}", file=sys.stderr)
     return 0

@@ -273,18 +273,18 @@ def test_accumulate_equals_one_evaluation(tmp_path) -> None:
     bank = tmp_path / "banks" / "base.npz"
     res = None
     for i, b in enumerate(batches):
-        res = score_images(b, ref, ext, mode="accumulate", bank_path=bank, reset=i == 0, kid_subset_size=4, kid_subsets=10)
-        assert res["added"] == 3 and res["a"]["n"] == 3 * (i + 1)
+        res, added = score_images(b, ref, ext, mode="accumulate", bank_path=bank, reset=i == 0, kid_subset_size=4, kid_subsets=10)
+        assert added == 3 and res.n_a == 3 * (i + 1) and res.n_b == 12
     whole = torch.cat(batches)
     expected = compare(FeatureStats.from_features(ext(whole), protocol=ext.protocol(9)), ref["stats"], kid_subset_size=4, kid_subsets=10)
-    assert res["fid"] == pytest.approx(expected["fid"], rel=1e-12)
-    assert res["kid"]["mean"] == pytest.approx(expected["kid"]["mean"], rel=1e-12)
-    single = score_images(whole, ref, ext, mode="single", kid_subset_size=4, kid_subsets=10)
-    assert single["fid"] == pytest.approx(expected["fid"], rel=1e-12)
+    assert res.fid == pytest.approx(expected.fid, rel=1e-12)
+    assert res.kid_mean == pytest.approx(expected.kid_mean, rel=1e-12)
+    single, added = score_images(whole, ref, ext, mode="single", kid_subset_size=4, kid_subsets=10)
+    assert single.fid == pytest.approx(expected.fid, rel=1e-12) and added is None
     # the same batch again adds nothing; reset starts over
-    again = score_images(batches[0], ref, ext, mode="accumulate", bank_path=bank)
-    assert again["added"] == 0 and again["a"]["n"] == 9
-    assert score_images(batches[1], ref, ext, mode="accumulate", bank_path=bank, reset=True)["a"]["n"] == 3
+    again, added = score_images(batches[0], ref, ext, mode="accumulate", bank_path=bank)
+    assert added == 0 and again.n_a == 9
+    assert score_images(batches[1], ref, ext, mode="accumulate", bank_path=bank, reset=True)[0].n_a == 3
     with pytest.raises(UserError, match="at least 2"):
         score_images(batches[0][:1], ref, ext, mode="single")
 
@@ -306,15 +306,24 @@ def test_missing_inception_weights_names_file_and_folder(tmp_path, monkeypatch) 
     assert find_weights([tmp_path / "empty", folder]) == folder / "pt_inception-2015-12-05-6726825d.pth"
 
 
-def test_comparison_chart() -> None:
-    from facediffuser.evaluation.comparison_chart import comparison_chart
+def test_compare_node_draws_the_one_chart_from_fid_results() -> None:
+    """FIDCompare takes the FID node's FIDResults and draws report.fid_bar_chart, the table's chart."""
+    from facediffuser.evaluation.fid_result import FIDResult
+    from facediffuser.evaluation.report import fid_bar_chart
+    from facediffuser.nodes.fid_nodes import FaceDiffuserFIDCompare
 
-    img = comparison_chart([{"label": "base", "fid": 120.5, "kid": 0.05, "kid_std": 0.01, "n": 8},
-                            {"label": "lora", "fid": 80.25, "kid": None, "n": 8}], width=640, height=320)
+    base = FIDResult(fid=120.5, n_a=8, n_b=100, kid_mean=0.05, kid_std=0.01, kid_subsets=10, kid_subset_size=8, label="base")
+    lora = FIDResult(fid=80.25, n_a=8, n_b=100, label="lora")  # the reference had no features: no KID
+    img = fid_bar_chart([base, lora], width=640, height=320)
     assert img.shape == (320, 640, 3) and img.dtype == np.uint8
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 10  # something was drawn
+    out = FaceDiffuserFIDCompare().compare(base, lora)
+    chart, text = out["result"]
+    assert tuple(chart.shape) == (1, 400, 800, 3) and np.array_equal((chart[0].numpy() * 255).round().astype(np.uint8), fid_bar_chart([base, lora]))
+    assert text.splitlines() == ["base: FID 120.5000, KID 0.050000 ± 0.010000, N = 8 / 100", "lora: FID 80.2500, KID n/a, N = 8 / 100"]
+    assert "different N" in FaceDiffuserFIDCompare().compare(base, FIDResult(fid=1.0, n_a=16, n_b=100, label="x"))["result"][1]
     with pytest.raises(UserError):
-        comparison_chart([])
+        fid_bar_chart([])
 
 
 def test_kid_defaults_and_resize_modes_have_one_definition(fake_folder_paths) -> None:
