@@ -182,10 +182,11 @@ def _has_transparency_bytes(data: bytes) -> bool:
 
 
 def check_images(records: Iterable[ImageRecord], resolution: int, *, workers: int | None = None,
-                 progress: bool = False) -> tuple[list[ImageRecord], list[str], list[str]]:
+                 progress: bool = False) -> tuple[list[ImageRecord], list[tuple[Path, str]], list[str]]:
     """Vet ``records`` in parallel threads (hashing and decoding release the GIL).
 
-    Returns (usable records with sha256 and size, skipped lines, note lines), in input order.
+    Returns (usable records with sha256 and size, (path, why) of each skipped file, note lines),
+    in input order.
     """
     records = list(records)
     min_side = min_side_for(resolution)
@@ -198,7 +199,7 @@ def check_images(records: Iterable[ImageRecord], resolution: int, *, workers: in
     good, skipped, notes = [], [], []
     for rec, (out, why, rec_notes) in zip(records, results):
         if out is None:
-            skipped.append(f"{rec.path}: {why}")
+            skipped.append((rec.path, why))
         else:
             good.append(out)
         notes.extend(f"{rec.path}: {n}" for n in rec_notes)
@@ -219,14 +220,34 @@ def check_dataset(config: "TrainConfig", *, progress: bool = False) -> DatasetSc
         try:
             captions.append(build_caption(rec.caption_path, config.caption_template, config.trigger))
         except UserError as exc:
-            skipped.append(f"{rec.path}: {exc}")
+            skipped.append((rec.path, str(exc)))
             continue
         images.append(rec)
     if not images:
-        first = skipped[0] if skipped else ""
-        raise UserError(f"none of the {len(records)} image(s) in {data_dir} is usable (e.g. {first})")
-    return DatasetScan(data_dir=data_dir, images=images, captions=captions, skipped=skipped, notes=notes,
-                       min_side=min_side_for(config.resolution))
+        raise UserError(f"none of the {len(records)} image(s) in {data_dir} is usable: "
+                        + skip_summary(skipped, data_dir, config.resolution))
+    return DatasetScan(data_dir=data_dir, images=images, captions=captions, skipped=[f"{p}: {why}" for p, why in skipped],
+                       notes=notes, min_side=min_side_for(config.resolution))
+
+
+def skip_summary(skipped: Iterable[tuple[Path, str]], data_dir: Path, resolution: int) -> str:
+    """The skip reasons by count, most common first, one example file each: "3 too small for 512 px
+    (short side < 128; e.g. a.jpg), 1 not an image (e.g. notes.png)"."""
+    groups: dict[str, list[Path]] = {}
+    for path, why in skipped:
+        if why.startswith("too small"):
+            kind = f"too small for {resolution} px (short side < {min_side_for(resolution)})"
+        elif "caption" in why:
+            kind = "unreadable caption file"
+        else:  # "not an image (unrecognised file content)" -> "not an image"
+            kind = why.split(" (", 1)[0]
+        groups.setdefault(kind, []).append(path)
+    parts = []
+    for kind, paths in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        example = paths[0].relative_to(data_dir).as_posix() if paths[0].is_relative_to(data_dir) else str(paths[0])
+        text = f"{len(paths)} {kind}"
+        parts.append(text[:-1] + f"; e.g. {example})" if text.endswith(")") else text + f" (e.g. {example})")
+    return ", ".join(parts)
 
 
 # --- preparation --------------------------------------------------------------------------------
