@@ -32,7 +32,8 @@ def test_pack_imports_without_comfyui_or_torch() -> None:
 
 @pytest.fixture
 def fake_folder_paths(tmp_path, monkeypatch):
-    """A stand-in ``folder_paths`` module with ComfyUI's layout under tmp_path."""
+    """A minimal ``folder_paths`` with ComfyUI's layout under tmp_path, for node declarations; what
+    the pack's folder registration does in ComfyUI's real module is in test_comfyui_folders.py."""
     fp = types.ModuleType("folder_paths")
     fp.models_dir = str(tmp_path / "models")
     fp.folder_names_and_paths = {
@@ -82,22 +83,6 @@ def test_node_declarations(fake_folder_paths) -> None:
         assert callable(getattr(cls, cls.FUNCTION)), node_id
         assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES) == len(cls.OUTPUT_TOOLTIPS), node_id
         assert cls.CATEGORY.startswith("FaceDiffuser") and cls.DESCRIPTION
-
-
-def test_model_folders_registered_npz_only(fake_folder_paths, tmp_path) -> None:
-    # As extra_model_paths.yaml / add_model_folder_path would have created it: empty set = every file.
-    fake_folder_paths.folder_names_and_paths["fid_stats"] = ([str(tmp_path / "stats")], set())
-    (tmp_path / "stats").mkdir()
-    for f in ("ref.npz", "notes.txt", "x.safetensors"):
-        (tmp_path / "stats" / f).write_bytes(b"x")
-    paths.register_model_folders()
-    paths.register_model_folders()  # idempotent
-    assert fake_folder_paths.folder_names_and_paths["fid_stats"] == ([str(tmp_path / "stats")], {".npz"})
-    assert fake_folder_paths.folder_names_and_paths["inception"] == ([str(tmp_path / "models" / "inception")], {".pth"})
-    assert fake_folder_paths.get_filename_list("fid_stats") == ["ref.npz"]
-    from facediffuser.nodes.fid_nodes import COMPUTE_FROM_FOLDER, FaceDiffuserFIDReference
-
-    assert FaceDiffuserFIDReference.INPUT_TYPES()["required"]["stats_file"][0] == [COMPUTE_FROM_FOLDER, "ref.npz"]
 
 
 # --- path rules -----------------------------------------------------------------------------------
