@@ -55,14 +55,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_within(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder.resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def _split_user_data(data: Path, out: Path) -> tuple[Path, Path, str]:
     """``data/train`` + ``data/heldout`` as given; or one folder split in half by content so the
     held-out half never meets the trainer. Returns (train, heldout, what was done).
@@ -82,7 +74,7 @@ def _split_user_data(data: Path, out: Path) -> tuple[Path, Path, str]:
     if (data / "train").is_dir() and (data / "heldout").is_dir():
         return data / "train", data / "heldout", "your train/ and heldout/ folders, as given"
     root = out / "data"
-    if _is_within(data, root):
+    if data.resolve().is_relative_to(root.resolve()):
         raise UserError(f"--data {data} lies inside the demo's own data folder {root}; pass a folder outside --out")
     files = list_images(data)
     by_digest: dict[str, Path] = {}

@@ -239,7 +239,7 @@ def _write_face(image: Any, face: Face, root: Path, base: Path, rel: str, index:
         "mask": base.name + MASK_SUFFIX,
         "detector": s.detector,
     }
-    write_json_atomic(root / base.with_name(base.name + ".json"), meta)
+    atomic_write_json(root / base.with_name(base.name + ".json"), meta)
 
 
 def _outputs_exist(dst_root: Path, rec: dict[str, Any]) -> bool:
@@ -304,10 +304,7 @@ def _write_summary(src: Path, dst: Path, s: PrepSettings, records: list[dict[str
         "dropped": dropped,
         "written": [{"source": r["source"], "outputs": [f"{(Path(r.get('folder', '')) / n).as_posix()}.png" for n in r["outputs"]]} for r in written],
     }
-    path = write_json_atomic(dst / SUMMARY_NAME, summary)
+    path = atomic_write_json(dst / SUMMARY_NAME, summary)
     return PrepResult(dst=dst, summary_path=path, sources=len(records), faces_written=faces_written,
                       images_with_faces=len(written), resumed=resumed, dropped=dropped, summary=summary)
 
-
-def write_json_atomic(path: Path, data: Any) -> Path:
-    return atomic_write_json(path, data)
