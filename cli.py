@@ -1,8 +1,11 @@
 """The ``facediffuser`` command.
 
-Each sub-command lives beside the code it drives, in a module with a ``register(subparsers)``
-function that adds its parser and sets ``func``. Registration modules import only argparse-level
-things, so ``facediffuser --help`` stays fast; the work is imported when the command runs.
+Every sub-command is registered the same way: it lives beside the code it drives, in a module
+``<package>/cli_<name>.py`` listed in :data:`_COMMAND_MODULES`, whose ``register(subparsers)`` adds
+its parser and sets ``func(args) -> int`` (``eval`` registers its own sub-commands the same way,
+from ``evaluation/cli_eval.py::_EVAL_COMMAND_MODULES``). A listed module that is missing is an
+error, not a silently absent command. Registration modules import only argparse-level things, so
+``facediffuser --help`` stays fast; the work is imported when the command runs.
 """
 
 from __future__ import annotations
@@ -31,13 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in _COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(f".{name}", __package__)
-        except ModuleNotFoundError as exc:  # a command not built yet in this checkout
-            if exc.name and exc.name.endswith(name.split(".")[-1]):
-                continue
-            raise
-        mod.register(sub)
+        importlib.import_module(f".{name}", __package__).register(sub)
     return parser
 
 

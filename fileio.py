@@ -7,6 +7,7 @@ or a full disk leaves the old file or no file, never a torn one that a later run
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from contextlib import contextmanager
@@ -45,3 +46,25 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike[str], data: Any, *, indent: int | None = 2) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=indent) + "\n")
+
+
+def atomic_write_png(image: Any, path: str | os.PathLike[str]) -> Path:
+    """A PIL image to ``path`` as PNG, atomically (the format is explicit: the temp name has none)."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
+
+
+# --- content digests ------------------------------------------------------------------------------
+
+def file_sha256(source: str | os.PathLike[str] | bytes, *, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks (a 2 GB checkpoint never sits in memory);
+    ``bytes`` already read are hashed as they are. Every content digest in the project is this."""
+    h = hashlib.sha256()
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        h.update(source)
+        return h.hexdigest()
+    with open(source, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()

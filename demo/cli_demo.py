@@ -7,11 +7,11 @@ the sample grid, the loss curve and the LoRA.
 Whatever the user does not give is replaced by a clearly labelled stand-in, and ``report.md`` says
 at the top which parts were real and which were stand-ins:
 
-* model: :func:`.evaluation.demo_model.make_demo_checkpoint` (tiny random UNet and text encoder,
+* model: :func:`.demo_model.make_demo_checkpoint` (tiny random UNet and text encoder,
   hand-set box VAE);
-* data: :mod:`.evaluation.toy_faces` (cartoon faces, train and held-out splits);
+* data: :mod:`.toy_faces` (cartoon faces, train and held-out splits);
 * features: the FID Inception architecture with seeded random weights
-  (:mod:`.evaluation.standin_inception`) when no FID Inception weights are found.
+  (:mod:`.standin_inception`) when no FID Inception weights are found.
 Registration imports argparse only.
 """
 
@@ -55,14 +55,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_within(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder.resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def _split_user_data(data: Path, out: Path) -> tuple[Path, Path, str]:
     """``data/train`` + ``data/heldout`` as given; or one folder split in half by content so the
     held-out half never meets the trainer. Returns (train, heldout, what was done).
@@ -76,13 +68,13 @@ def _split_user_data(data: Path, out: Path) -> tuple[Path, Path, str]:
     import shutil
 
     from ..errors import UserError
-    from ..evaluation.images import file_sha256, list_images
-    from ..faces.align import MASK_SUFFIX
+    from ..fileio import file_sha256
+    from ..image_files import MASK_SUFFIX, list_images
 
     if (data / "train").is_dir() and (data / "heldout").is_dir():
         return data / "train", data / "heldout", "your train/ and heldout/ folders, as given"
     root = out / "data"
-    if _is_within(data, root):
+    if data.resolve().is_relative_to(root.resolve()):
         raise UserError(f"--data {data} lies inside the demo's own data folder {root}; pass a folder outside --out")
     files = list_images(data)
     by_digest: dict[str, Path] = {}
@@ -121,8 +113,8 @@ def run_demo(out: Path, *, model: str | None = None, data: str | None = None, in
     from ..errors import UserError
     from .demo_model import DEMO_VAE_NOTE, make_demo_checkpoint
     from ..evaluation.generation import SamplerSettings
-    from ..evaluation.inception import find_inception_weights
-    from ..evaluation.table import TableConfig, run_table
+    from ..evaluation.inception import InceptionFeatures, find_inception_weights
+    from ..evaluation.table import FeatureCaveat, TableConfig, run_table
     from .toy_faces import make_splits
     from ..trainer.config import TrainConfig
     from ..trainer.training_loop import train
@@ -151,17 +143,20 @@ def run_demo(out: Path, *, model: str | None = None, data: str | None = None, in
         train_dir, heldout_dir = make_splits(out / "data", n_train=DEMO_DEFAULTS["n_train"], n_heldout=DEMO_DEFAULTS["n_heldout"],
                                              seed=seed, size=size)
         provenance["data"] = (f"STAND-IN: {DEMO_DEFAULTS['n_train']} + {DEMO_DEFAULTS['n_heldout']} procedurally drawn CARTOON "
-                              f"faces ({size} px, evaluation/toy_faces.py), not photographs")
+                              f"faces ({size} px, demo/toy_faces.py), not photographs")
+    caveat = None
     try:
         weights = find_inception_weights(inception)
-        stand_in = False
         provenance["features"] = f"REAL: FID Inception weights {weights}"
     except UserError:
         if inception:
             raise
-        weights, stand_in = None, True
+        from .standin_inception import STANDIN_NOTE, standin_description
+
+        weights = None
+        caveat = FeatureCaveat("STAND-IN random-weight features", STANDIN_NOTE, standin_description())
         provenance["features"] = ("STAND-IN: the FID Inception v3 architecture with SEEDED RANDOM weights (no FID weights "
-                                  "found; output scaled to a familiar range, evaluation/standin_inception.py); distances "
+                                  "found; output scaled to a familiar range, demo/standin_inception.py); distances "
                                   "are NOT FID")
     timings["setup"] = time.perf_counter() - t0
 
@@ -178,11 +173,16 @@ def run_demo(out: Path, *, model: str | None = None, data: str | None = None, in
 
     t = time.perf_counter()
     settings = SamplerSettings(steps=sample_steps, cfg=DEMO_DEFAULTS["cfg"], size=size, sampler="ddim", seed=seed)
+
+    def make_extractor():  # the FID Inception if found, else the labelled stand-in (built once, cached)
+        from .standin_inception import default_standin_dir, standin_weights
+
+        return InceptionFeatures(weights or standin_weights(default_standin_dir()), progress=progress)
+
     results = run_table(TableConfig(
         model=str(model_path), lora=str(lora), real=str(heldout_dir), out=str(out), n=n, settings=settings,
-        inception=str(weights) if weights else None, stand_in_extractor=stand_in, progress=progress,
-        batch_size=8, kid_subsets=100,
-    ))
+        progress=progress, batch_size=8,
+    ), make_extractor, caveat=caveat)
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     report = write_demo_report(out, results, provenance, result, timings)

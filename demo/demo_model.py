@@ -13,7 +13,7 @@ unchanged): every ResNet's second conv and the mid-block attention's output proj
 ``(d*s, -d*s)``; 2x2 averaging downsamplers / nearest upsamplers carry it; the final GroupNorm
 (groups of 2 channels) sees a zero group mean and a variance far below its eps, so it scales by a
 constant instead of normalising; a bias keeps SiLU in its linear range and ``conv_out`` removes it.
-UNet and text encoder are the tiny random ones of :func:`..trainer.make_model.make_checkpoint`.
+UNet and text encoder are the tiny random ones of :func:`..sd.make_model.make_checkpoint`.
 Everything is labelled in the file metadata and in the demo report.
 """
 

@@ -12,9 +12,11 @@ import importlib
 import sys
 from typing import Any, Callable
 
+from .inception import DEFAULT_RESIZE, RESIZE_MODES  # light: torch is imported inside its functions
+from .kid import DEFAULT_SEED, DEFAULT_SUBSET_SIZE, DEFAULT_SUBSETS
+
 # eval sub-commands defined elsewhere (relative to this package), in --help order.
 _EVAL_COMMAND_MODULES = ["cli_eval_table"]
-RESIZE_CHOICES = ("tf1", "pytorch-fid", "torch-antialias")  # = inception.RESIZE_MODES (no torch here)
 
 
 def register(subparsers: Any) -> argparse._SubParsersAction:
@@ -40,21 +42,14 @@ def register(subparsers: Any) -> argparse._SubParsersAction:
                        description="Print FID with N, KID ± std when both sides have features, and the protocol.")
     f.add_argument("a", metavar="A", help="Folder of images or .npz stats file.")
     f.add_argument("b", metavar="B", help="Folder of images or .npz stats file.")
-    f.add_argument("--kid-subsets", type=int, default=100, metavar="K", help="KID: number of random subsets (default: 100).")
-    f.add_argument("--kid-subset-size", type=int, default=1000, metavar="M", help="KID: subset size, capped at the smaller N (default: 1000).")
-    f.add_argument("--seed", type=int, default=2020, metavar="S", help="KID subset seed (default: 2020, torch-fidelity's).")
+    add_kid_arguments(f)
+    f.add_argument("--seed", type=int, default=DEFAULT_SEED, metavar="S", help="KID subset seed (default: %(default)s, torch-fidelity's).")
     f.add_argument("--json", action="store_true", help="Print one JSON object instead of text.")
     add_extractor_arguments(f)
     f.set_defaults(func=_run_fid)
 
     for name in _EVAL_COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(f".{name}", __package__)
-        except ModuleNotFoundError as exc:  # not built yet in this checkout
-            if exc.name and exc.name.endswith(name):
-                continue
-            raise
-        mod.register(sub)
+        importlib.import_module(f".{name}", __package__).register(sub)
     return sub
 
 
@@ -64,12 +59,25 @@ def add_extractor_arguments(parser: argparse.ArgumentParser) -> None:
                         "or pt_inception-…); default: $FACEDIFFUSER_INCEPTION, then $TORCH_HOME/hub/checkpoints.")
     parser.add_argument("--batch-size", type=int, default=50, metavar="B", help="Images per Inception batch (default: 50).")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
-    parser.add_argument("--resize", choices=RESIZE_CHOICES, default="tf1",
-                        help="Resize/normalisation convention (default: tf1 = standard TF-compatible FID; "
-                        "pytorch-fid = pytorch-fid's numbers; torch-antialias = torchmetrics>=1.8 default).")
+    add_resize_argument(parser)
     parser.add_argument("--cache-dir", metavar="DIR", help="Feature cache (default: $FACEDIFFUSER_CACHE or ~/.cache/facediffuser/features).")
     parser.add_argument("--no-cache", action="store_true", help="Neither read nor write the feature cache.")
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
+
+
+def add_resize_argument(parser: argparse.ArgumentParser) -> None:
+    """``--resize``, its choices and their meaning from :data:`.inception.RESIZE_MODES`."""
+    parser.add_argument("--resize", choices=tuple(RESIZE_MODES), default=DEFAULT_RESIZE,
+                        help="Resize/normalisation convention of the Inception input (default: %(default)s): "
+                        + "; ".join(f"{k} = {v}" for k, v in RESIZE_MODES.items()) + ".")
+
+
+def add_kid_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--kid-subsets`` and ``--kid-subset-size`` with the defaults of :mod:`.kid`."""
+    parser.add_argument("--kid-subsets", type=int, default=DEFAULT_SUBSETS, metavar="K",
+                        help="KID: number of random subsets (default: %(default)s).")
+    parser.add_argument("--kid-subset-size", type=int, default=DEFAULT_SUBSET_SIZE, metavar="M",
+                        help="KID: subset size, capped at the smaller N (default: %(default)s).")
 
 
 def extractor_factory(args: argparse.Namespace) -> Callable[[], Any]:
@@ -121,17 +129,15 @@ def _run_fid(args: argparse.Namespace) -> int:
     b = stats_for(args.b, make, cache_dir=args.cache_dir, use_cache=not args.no_cache)
     res = compare(a, b, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, seed=args.seed)
     if args.json:
-        print(json.dumps(res, indent=2, sort_keys=True))
+        print(json.dumps(res.to_dict(), indent=2, sort_keys=True))
     else:
-        na, nb = a.n if a.n is not None else "?", b.n if b.n is not None else "?"
-        print(f"FID {res['fid']:.4f}  (A: N={na}, B: N={nb}; FID is biased at small N: compare at equal N)")
-        if res["kid"]:
-            k = res["kid"]
-            print(f"KID {k['mean']:.6f} ± {k['std']:.6f}  ({k['subsets']} subsets of {k['subset_size']}, seed {k['seed']})")
+        na, nb = res.n_a if res.n_a is not None else "?", res.n_b if res.n_b is not None else "?"
+        print(f"FID {res.fid:.4f}  (A: N={na}, B: N={nb}; FID is biased at small N: compare at equal N)")
+        if res.kid_mean is not None:
+            print(f"KID {res.kid_text()}  ({res.kid_subsets} subsets of {res.kid_subset_size}, seed {res.kid_seed})")
         else:
             print("KID n/a  (a side has only mu/sigma; write stats with features: facediffuser eval stats DIR --out FILE)")
-        shown = a.protocol or b.protocol
-        print(protocol_line(shown))
-    for w in res["warnings"]:
+        print(protocol_line(res.protocol))
+    for w in res.warnings:
         print(f"warning: {w}", file=sys.stderr)
     return 0

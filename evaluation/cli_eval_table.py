@@ -33,6 +33,8 @@ def add_sampler_arguments(parser: argparse.ArgumentParser, *, size_default: int 
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
+    from .cli_eval import add_kid_arguments, add_resize_argument
+
     p = subparsers.add_parser(
         "table", help="Generate with base and base+LoRA (same prompts, seeds, sampler) and compare both to held-out reals.",
         description="Generates N images with the base model and N with base+LoRA under identical settings, then reports "
@@ -49,14 +51,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=100, metavar="N", help="Images per model (default: 100; >= 1000 for numbers worth quoting).")
     add_sampler_arguments(p)
     p.add_argument("--inception", metavar="FILE", help="FID Inception weights (default: $FACEDIFFUSER_INCEPTION, then $TORCH_HOME/hub/checkpoints).")
-    p.add_argument("--resize", choices=("tf1", "pytorch-fid", "torch-antialias"), default="tf1", help="Inception resize convention (default: tf1, standard FID).")
-    p.add_argument("--stand-in-extractor", action="store_true",
-                   help="Use the Inception architecture with SEEDED RANDOM weights instead of the FID weights (demos/tests only: "
-                        "the numbers are NOT FID and every output says so).")
+    add_resize_argument(p)
     p.add_argument("--allow-overlap", action="store_true", help="Measure even if real images were training images (warns loudly).")
     p.add_argument("--no-face-metrics", action="store_true", help="Skip face detection rate and framing statistics.")
-    p.add_argument("--kid-subsets", type=int, default=100, metavar="K", help="KID subsets (default: 100).")
-    p.add_argument("--kid-subset-size", type=int, default=1000, metavar="M", help="KID subset size, capped at N (default: 1000).")
+    add_kid_arguments(p)
     p.add_argument("--out", required=True, metavar="DIR", help="Output folder.")
     p.add_argument("--quiet", action="store_true", help="No progress bars.")
     p.set_defaults(func=run)
@@ -76,12 +74,17 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = TableConfig(
         model=args.model, lora=args.lora, real=args.real, out=args.out, n=args.n, settings=settings_from_args(args),
-        prompts_file=args.prompts, lora_scale=args.lora_scale, inception=args.inception,
-        stand_in_extractor=args.stand_in_extractor, allow_overlap=args.allow_overlap, resize=args.resize,
+        prompts_file=args.prompts, lora_scale=args.lora_scale, allow_overlap=args.allow_overlap,
         device=args.device, dtype=args.dtype, batch_size=args.batch_size, kid_subsets=args.kid_subsets,
         kid_subset_size=args.kid_subset_size, face_metrics=not args.no_face_metrics, progress=not args.quiet,
     )
-    results = run_table(cfg)
+
+    def make_extractor():  # the FID Inception, found as --inception / $FACEDIFFUSER_INCEPTION / $TORCH_HOME say
+        from .inception import InceptionFeatures
+
+        return InceptionFeatures(args.inception, device=args.device, resize=args.resize, progress=not args.quiet)
+
+    results = run_table(cfg, make_extractor)
     for line in summary_lines(results):
         print(line)
     print(f"wrote {args.out}/results.json, table.md, fid_bar_chart.png, samples_grid.png")

@@ -33,7 +33,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from .cli_eval_table import settings_from_args
-    from .generation import generate_to_folder, load_generation_pipeline, read_prompts
+    from ..sd.prompts import read_prompts
+    from .generation import generate_to_folder, load_generation_pipeline
 
     settings = settings_from_args(args)
     prompts = read_prompts(args.prompts) if args.prompts else [" ".join(args.prompt.split())]

@@ -1,7 +1,7 @@
 """Face metrics: does a model draw one face, and is it framed like the real faces?
 
 FID mixes face quality with composition: SD1.5 generations are not FFHQ-aligned, so much of a
-"real vs base" FID can be framing. These numbers separate the two (research/fid.md section 6.2):
+"real vs base" FID can be framing. These numbers separate the two:
 
 * **detection rate** -- share of images with exactly one face (score >= 0.9): catches collapse,
   crowds, crops that cut the face off; plus the share with any face and the mean top score;

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import UserError
+from .fid_result import FIDResult
 from .kid import DEFAULT_SEED
 from .stats import FeatureStats, atomic_write_npz, compare
 
@@ -158,7 +159,7 @@ class FeatureBank:
         proto = dict(self.protocol) if self.protocol is not None else None
         return FeatureStats.from_features(self.features, protocol=proto, source=str(self.path) if self.path else "feature bank")
 
-    def compare(self, reference: FeatureStats, *, kid_subsets: int | None = None, kid_subset_size: int | None = None) -> dict:
+    def compare(self, reference: FeatureStats, *, kid_subsets: int | None = None, kid_subset_size: int | None = None) -> "FIDResult":
         """FID (with N) and KID ± std of the bank against a reference (stats file / folder stats)."""
         return compare(self.stats(), reference, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=self.seed)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from ..errors import UserError
-from ..fileio import atomic_path, atomic_write_text
+from ..fileio import atomic_write_png, atomic_write_text
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -73,24 +73,9 @@ def image_seed(settings: SamplerSettings, index: int) -> int:
     return int(settings.seed) + int(index)
 
 
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """One prompt per non-empty line; ``#`` starts a comment line."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"prompts file not found: {p}")
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise UserError(f"prompts file {p} is not UTF-8 text") from None
-    prompts = [" ".join(line.split()) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise UserError(f"prompts file {p} has no prompts (one per line)")
-    return prompts
-
-
 def load_generation_pipeline(model: str | os.PathLike, *, sampler: str = "ddim", device: str | None = None,
                              dtype: str | None = None) -> "StableDiffusionPipeline":
-    """The project's pipeline (:func:`..trainer.model_loading.load_pipeline`) with the named sampler.
+    """The project's pipeline (:func:`..sd.model_loading.load_pipeline`) with the named sampler.
 
     ``dtype`` defaults to float16 on CUDA and float32 on CPU."""
     import diffusers
@@ -156,11 +141,6 @@ def generate(pipe: "StableDiffusionPipeline", prompts: Sequence[str], settings: 
     return out
 
 
-def _save_png(img: "Image.Image", path: Path) -> None:
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
-
-
 def generation_record(model: str | os.PathLike, lora: str | os.PathLike | None, lora_scale: float,
                       prompts: Sequence[str], settings: SamplerSettings, n: int) -> dict[str, Any]:
     """What produced a folder of images: model, LoRA and scale, settings, and per-image prompt and seed."""
@@ -191,7 +171,7 @@ def generate_to_folder(pipe: "StableDiffusionPipeline", out_dir: str | os.PathLi
     with tqdm(total=n, desc=f"generate {label}", unit="img", disable=not progress, leave=False) as bar:
         def save(i: int, img: "Image.Image") -> None:
             p = out / f"{i:05d}.png"
-            _save_png(img, p)
+            atomic_write_png(img, p)
             paths.append(p)
             bar.update(1)
 

@@ -1,4 +1,6 @@
-"""Image folders and image tensors, as the FID extractor wants them: uint8, NCHW, RGB.
+"""Image files and image tensors, as the FID extractor wants them: uint8, NCHW, RGB.
+
+Folders are listed by :func:`..image_files.list_images` (the one extension set and lister).
 
 Decoding is the same as pytorch-fid's (PIL, ``convert("RGB")``, no EXIF rotation), so a folder
 gives the same pixels to both. ComfyUI IMAGE tensors (float [0, 1], NHWC) are quantised exactly
@@ -17,29 +19,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import UserError
-from ..faces.align import is_prep_artifact
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
-
-
-def list_images(folder: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
-    """Image files under ``folder`` (sorted, hidden folders skipped); a clear error when none."""
-    root = Path(folder)
-    if not root.exists():
-        raise UserError(f"image folder not found: {root}")
-    if not root.is_dir():
-        raise UserError(f"not a folder of images: {root}")
-    pattern = "**/*" if recursive else "*"
-    files = sorted(
-        p for p in root.glob(pattern)
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        and not is_prep_artifact(p)  # face masks written by `facediffuser prep` are not images to score
-    )
-    if not files:
-        raise UserError(f"no images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)}{', recursively' if recursive else ''})")
-    return files
-
+from ..fileio import file_sha256
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """One image as uint8 HWC RGB; a corrupt or unreadable file is a one-line UserError naming it."""
@@ -133,15 +113,6 @@ def to_uint8_nchw(images) -> "torch.Tensor":  # noqa: F821
     elif out.shape[1] == 1:
         out = out.expand(-1, 3, -1, -1)
     return out.contiguous()
-
-
-def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def image_set_digest(paths: Sequence[str | os.PathLike], *, workers: int | None = None) -> tuple[str, list[Path]]:

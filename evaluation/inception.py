@@ -15,7 +15,6 @@ Resize modes (the choice moves FID by several percent, so it is recorded in ever
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ..errors import UserError
+from ..fileio import file_sha256
 
 WEIGHTS_FILE_NAMES = (
     "weights-inception-2015-12-05-6726825d.pth",  # torch-fidelity / torchmetrics name
@@ -32,11 +32,13 @@ WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0
 ENV_VAR = "FACEDIFFUSER_INCEPTION"
 FEATURE_DIM = 2048
 EXTRACTOR_NAME = "inception-v3-compat"
+#: the resize convention of the Inception input (it moves FID by several percent); one name each
 RESIZE_MODES = {
     "tf1": "TF1-compatible bilinear to 299, (x-128)/128: standard FID (TTUR, torch-fidelity)",
     "pytorch-fid": "torch bilinear (no antialias) to 299, 2x/255-1: pytorch-fid 0.3 convention",
     "torch-antialias": "torch bilinear with antialias to 299, (x-128)/128: torchmetrics>=1.8 default, not TF-compatible",
 }
+DEFAULT_RESIZE = "tf1"
 _TRUNK = (
     "Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
     "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
@@ -94,11 +96,7 @@ def weights_sha256(path: str | os.PathLike) -> str:
     st = p.stat()
     key = (str(p), st.st_size, st.st_mtime_ns)
     if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(p, "rb") as fh:
-            while block := fh.read(1 << 22):
-                h.update(block)
-        _SHA_CACHE[key] = h.hexdigest()
+        _SHA_CACHE[key] = file_sha256(p)
     return _SHA_CACHE[key]
 
 
@@ -187,7 +185,7 @@ class InceptionFeatures:
         models_dir: str | os.PathLike | None = None,
         device: Any = None,
         batch_size: int = 50,
-        resize: str = "tf1",
+        resize: str = DEFAULT_RESIZE,
         channels_last: bool | None = None,
         progress: bool = True,
     ) -> None:

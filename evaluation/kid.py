@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import UserError
 
+#: one definition of the KID defaults, used by the maths, the CLI, the nodes and the table
 DEFAULT_SUBSETS = 100
 DEFAULT_SUBSET_SIZE = 1000
 DEFAULT_SEED = 2020

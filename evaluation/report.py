@@ -1,8 +1,11 @@
-"""The evaluation table's files: ``results.json``, ``table.md``, ``fid_bar_chart.png``, ``samples_grid.png``.
+"""The evaluation table's files (``results.json``, ``table.md``, ``fid_bar_chart.png``,
+``samples_grid.png``) and the one FID/KID bar chart (:func:`fid_bar_chart`), which the table, the
+demo and the ComfyUI FID Compare node all draw.
 
-All four are written atomically (temp file in the same folder, then ``os.replace``), so a viewer
-watching the folder, or a crash, never sees half a file. Every picture and table carries N and,
-when the features came from the stand-in extractor, says so in its title.
+All four files are written atomically (temp file in the same folder, then ``os.replace``), so a
+viewer watching the folder, or a crash, never sees half a file. Every picture and table carries N
+and, when the caller said the features are not the FID Inception's (``features_caveat``, e.g. the
+demo's stand-in), calls the distance FD, not FID, and says why in its title.
 """
 
 from __future__ import annotations
@@ -11,9 +14,14 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from ..fileio import atomic_path, atomic_write_text
+from ..errors import UserError
+from ..fileio import atomic_write_png, atomic_write_text
+from .fid_result import FIDResult
+
+if TYPE_CHECKING:
+    import numpy as np
 
 RESULTS_FILE = "results.json"
 TABLE_FILE = "table.md"
@@ -25,16 +33,19 @@ def write_results_json(results: dict[str, Any], out: Path) -> Path:
     return atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def _fmt_kid(row: dict[str, Any]) -> str:
-    """``mean ± std`` ×10³; ``± n/a`` when the std is undefined (subset size = N on both sides)."""
-    std = row.get("kid_std")
-    return f"{1e3 * row['kid_mean']:.2f} ± {'n/a' if std is None else f'{1e3 * std:.2f}'}"
+def _rows(results: dict[str, Any]) -> list[FIDResult]:
+    return [FIDResult.from_dict(r) for r in results["rows"]]
 
 
-def _kid_sentence(rows: list[dict[str, Any]]) -> str:
+def _metric(results: dict[str, Any]) -> str:
+    """FID, or FD when the caller said the features are not the FID Inception's."""
+    return "FD" if results.get("features_caveat") else "FID"
+
+
+def _kid_sentence(rows: list[FIDResult]) -> str:
     r = rows[0]
-    text = f"KID is unbiased (its std is over {r['kid_subsets']} random subsets of {r['kid_subset_size']} per side)"
-    if any(row.get("kid_std") is None for row in rows):
+    text = f"KID is unbiased (its std is over {r.kid_subsets} random subsets of {r.kid_subset_size} per side)"
+    if any(row.kid_std is None for row in rows):
         text += ("; the std is n/a where the subset size equals N on both sides: every subset is then the whole set, "
                  "so there is no spread to report")
     return text + "."
@@ -43,19 +54,21 @@ def _kid_sentence(rows: list[dict[str, Any]]) -> str:
 def markdown_table(results: dict[str, Any]) -> str:
     """The table plus everything needed to read it: N, protocol, sampler settings, warnings."""
     lines: list[str] = []
-    metric = "Fréchet distance (STAND-IN features, not FID)" if results.get("stand_in") else "FID"
+    caveat = results.get("features_caveat")
+    metric = f"Fréchet distance ({caveat['label']}, not FID)" if caveat else "FID"
+    rows = _rows(results)
     lines.append(f"# Base vs fine-tuned vs held-out real: {metric} and KID")
     lines.append("")
     for w in results.get("warnings", []):
         lines.append(f"> **Warning:** {w}")
         lines.append("")
-    lines.append(f"| Comparison | N (A / B) | {'FD' if results.get('stand_in') else 'FID'} ↓ | KID ×10³ (mean ± std) ↓ |")
+    lines.append(f"| Comparison | N (A / B) | {_metric(results)} ↓ | KID ×10³ (mean ± std) ↓ |")
     lines.append("|---|---|---|---|")
-    for r in results["rows"]:
-        lines.append(f"| {r['name']} | {r['n_a']} / {r['n_b']} | {r['fid']:.2f} | {_fmt_kid(r)} |")
+    for r in rows:
+        lines.append(f"| {r.label} | {r.n_a} / {r.n_b} | {r.fid:.2f} | {r.kid_text(scale=1e3, digits=2)} |")
     lines.append("")
     lines.append("FID is biased at small N (it shrinks roughly like 1/N), so compare rows only at equal N and read them "
-                 "against the Real-vs-Real noise floor. " + _kid_sentence(results["rows"]))
+                 "against the Real-vs-Real noise floor. " + _kid_sentence(rows))
     for n in results.get("notes", []):
         lines.append(f"- {n}")
     lines.append("")
@@ -101,41 +114,71 @@ def _fmt_num(v: Any) -> str:
     return "n/a" if v is None else f"{v:.3g}"
 
 
-def save_bar_chart(results: dict[str, Any], path: Path) -> Path:
-    """FID (left) and KID ± std (right) per comparison, N in the labels, the floor as a dashed line."""
+_COLORS = ("tab:red", "tab:green", "tab:blue", "tab:gray", "tab:orange", "tab:purple", "tab:brown", "tab:pink")
+
+
+def fid_bar_chart(results: Sequence[FIDResult], *, title: str = "FID / KID (lower is better)", metric: str = "FID",
+                  noise_floor: str | None = None, width: int = 800, height: int = 400) -> "np.ndarray":
+    """FID (left) and KID ×10³ ± std (right) per result, value and N on every bar (FID is biased at
+    small N: compare only at equal N); the result labelled ``noise_floor`` is also drawn as a
+    dashed line across both panels. Returns uint8 RGB (height, width, 3)."""
+    import numpy as np
+
+    if not results:
+        raise UserError("nothing to compare: give at least one FID result")
+    if width < 200 or height < 150:
+        raise UserError(f"chart size {width}x{height} is too small (at least 200x150)")
     import matplotlib
 
     matplotlib.use("Agg", force=False)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows = results["rows"]
-    labels = [f"{r['name']}\nN={r['n_a']}/{r['n_b']}" for r in rows]
-    colours = ["tab:red", "tab:green", "tab:blue", "tab:gray"][: len(rows)]
-    fig = Figure(figsize=(11, 4.5), dpi=100)
-    ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    fid_name = "FD (stand-in features)" if results.get("stand_in") else "FID"
-    ax1.bar(range(len(rows)), [r["fid"] for r in rows], color=colours)
-    stds = [r.get("kid_std") for r in rows]
-    ax2.bar(range(len(rows)), [1e3 * r["kid_mean"] for r in rows], color=colours, capsize=4,
-            yerr=None if all(s is None for s in stds) else [float("nan") if s is None else 1e3 * s for s in stds])
-    kid_name = "KID ×10³ ↓ (± std)" if all(r.get("kid_std") is not None for r in rows) else "KID ×10³ ↓ (std n/a: subsets = whole set)"
-    for ax, name in ((ax1, f"{fid_name} ↓"), (ax2, kid_name)):
-        ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels(labels, fontsize=7)
+    labels = [f"{r.label or f'#{i + 1}'}\nN={r.n_a}/{r.n_b}" for i, r in enumerate(results)]
+    colors = [_COLORS[i % len(_COLORS)] for i in range(len(results))]
+    dpi = 100
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    canvas = FigureCanvasAgg(fig)
+    x = np.arange(len(results))
+    kids = [None if r.kid_mean is None else 1e3 * r.kid_mean for r in results]
+    stds = [None if r.kid_std is None else 1e3 * r.kid_std for r in results]
+    kid_name = "KID ×10³ ↓ (± std)" if all(s is not None for s in stds) else "KID ×10³ ↓ (std n/a: subsets = whole set)"
+    floor = next((r for r in results if noise_floor and r.label == noise_floor), None)
+    for col, (name, values, errs, fmt) in enumerate(((f"{metric} ↓", [r.fid for r in results], None, ".2f"),
+                                                     (kid_name, kids, stds, ".2f"))):
+        ax = fig.add_subplot(1, 2, col + 1)
+        heights = [v if v is not None and math.isfinite(v) else 0.0 for v in values]
+        yerr = [e or 0.0 for e in errs] if errs and any(e is not None for e in errs) else None
+        bars = ax.bar(x, heights, color=colors, yerr=yerr, capsize=4 if yerr else 0)
+        for bar, v in zip(bars, values):
+            ax.annotate("n/a" if v is None else format(v, fmt), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+        if floor is not None:
+            level = floor.fid if col == 0 else kids[results.index(floor)]
+            if level is not None:
+                ax.axhline(level, color="gray", linestyle="--", linewidth=1)
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, rotation=15 if len(results) > 3 else 0, fontsize=8)
         ax.set_title(name)
         ax.grid(True, axis="y", alpha=0.3)
-    floor = next((r for r in rows if r["name"].startswith("Real vs Real")), None)
-    if floor is not None:
-        ax1.axhline(floor["fid"], color="gray", linestyle="--", linewidth=1)
-        ax2.axhline(1e3 * floor["kid_mean"], color="gray", linestyle="--", linewidth=1)
-    title = "Base vs fine-tuned vs held-out real"
-    if results.get("stand_in"):
-        title += " — STAND-IN random features: not FID"
+        top = max([h + (e or 0) for h, e in zip(heights, yerr or [0] * len(heights))] + [1e-9])
+        ax.set_ylim(min(0.0, min(heights)), top * 1.25)
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return path
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())
+    return np.ascontiguousarray(rgba[..., :3]).copy()
+
+
+def save_bar_chart(results: dict[str, Any], path: Path) -> Path:
+    """The table's chart: its four rows, the Real-vs-Real floor dashed, the caveat in the title."""
+    from PIL import Image
+
+    caveat = results.get("features_caveat")
+    title = "Base vs fine-tuned vs held-out real" + (f" — {caveat['label']}: not FID" if caveat else "")
+    floor = next((r.label for r in _rows(results) if r.label.startswith("Real vs Real")), None)
+    chart = fid_bar_chart(_rows(results), title=title, metric=_metric(results), noise_floor=floor, width=1100, height=450)
+    return atomic_write_png(Image.fromarray(chart), path)
 
 
 def save_samples_grid(real: Sequence[Path], base: Sequence[Path], finetuned: Sequence[Path], path: Path, *,
@@ -172,12 +215,10 @@ def write_table_outputs(results: dict[str, Any], out: str | os.PathLike, *, real
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
     """A few lines for the terminal."""
-    name = "FD*" if results.get("stand_in") else "FID"
-    out = [f"{r['name']:<28} N={r['n_a']}/{r['n_b']:<5} {name} {r['fid']:9.2f}   KID×10³ {_fmt_kid(r)}" for r in results["rows"]]
-    if results.get("stand_in"):
-        out.append("* stand-in random-weight features: not FID")
+    caveat = results.get("features_caveat")
+    name = "FD*" if caveat else "FID"
+    out = [f"{r.label:<28} N={r.n_a}/{r.n_b:<5} {name} {r.fid:9.2f}   KID×10³ {r.kid_text(scale=1e3, digits=2)}"
+           for r in _rows(results)]
+    if caveat:
+        out.append(f"* {caveat['label']}: not FID")
     return out
-
-
-def _finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -17,12 +17,15 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from ..errors import UserError
 from ..fileio import atomic_path
+
+if TYPE_CHECKING:
+    from .fid_result import FIDResult
 
 CACHE_ENV_VAR = "FACEDIFFUSER_CACHE"
 _CACHE_VERSION = 1
@@ -133,7 +136,8 @@ def folder_features(folder: str | os.PathLike, extractor, *, cache_dir: str | os
 
     Looked up first in the cache by (image-set content, extractor); computed and stored otherwise.
     """
-    from .images import image_set_digest, list_images
+    from ..image_files import list_images
+    from .images import image_set_digest
 
     files = list_images(folder)
     digest, files = image_set_digest(files)
@@ -208,22 +212,18 @@ def compare(
     kid_subsets: int | None = None,
     kid_subset_size: int | None = None,
     seed: int | None = None,
-) -> dict:
+) -> "FIDResult":
     """FID (always with N) and, when both sides carry features, KID mean ± std; plus protocols."""
+    from .fid_result import FIDResult, kid_std_or_none
     from .kid import DEFAULT_SEED, DEFAULT_SUBSET_SIZE, DEFAULT_SUBSETS, kid
 
-    result: dict[str, Any] = {
-        "fid": fid(a, b),
-        "a": {"source": a.source, "n": a.n, "protocol": a.protocol},
-        "b": {"source": b.source, "n": b.n, "protocol": b.protocol},
-        "kid": None,
-        "warnings": protocol_mismatches(a, b),
-    }
+    k = None
     if a.features is not None and b.features is not None:
-        result["kid"] = kid(
-            a.features, b.features,
-            subsets=kid_subsets or DEFAULT_SUBSETS,
-            subset_size=kid_subset_size or DEFAULT_SUBSET_SIZE,
-            seed=DEFAULT_SEED if seed is None else seed,
-        ).as_dict()
-    return result
+        k = kid(a.features, b.features, subsets=kid_subsets or DEFAULT_SUBSETS,
+                subset_size=kid_subset_size or DEFAULT_SUBSET_SIZE, seed=DEFAULT_SEED if seed is None else seed)
+    return FIDResult(
+        fid=fid(a, b), n_a=a.n, n_b=b.n,
+        kid_mean=k.mean if k else None, kid_std=kid_std_or_none(k.std, k.subset_size, k.n1, k.n2) if k else None,
+        kid_subsets=k.subsets if k else None, kid_subset_size=k.subset_size if k else None, kid_seed=k.seed if k else None,
+        a=a.source, b=b.source, protocol_a=a.protocol, protocol_b=b.protocol, warnings=tuple(protocol_mismatches(a, b)),
+    )

@@ -1,6 +1,7 @@
 """``eval table``: base vs fine-tuned vs held-out real faces — the seed study, done right.
 
-What the seed study got wrong, and what this does instead (research/peers.md §0, fid.md §3, §8):
+The study this project grew from scored 300 images with pytorch-fid, took its "held-out" reals from
+the training set and sampled the base model with 20 steps but the LoRA with 45. What this does instead:
 
 * **Held-out reals.** The real folder is checked against the training-image digests the LoRA file
   records (:func:`..trainer.kohya_format.is_training_image`); any overlap is refused, or with
@@ -11,8 +12,12 @@ What the seed study got wrong, and what this does instead (research/peers.md §0
   are written to ``results.json`` and tests compare them.
 * **N and a noise floor.** Every row states N of both sides; FID is biased at small N, so the table
   also gives Real vs Real (two disjoint real subsets) and KID (unbiased) mean ± std.
-* **Protocol.** Extractor, weights SHA-256 and resize mode are recorded; a stand-in extractor
-  (random weights, for demos) is allowed only when asked for explicitly, and labelled everywhere.
+* **Protocol.** Extractor, weights SHA-256 and resize mode are recorded. The caller hands in the
+  feature extractor (the CLI builds the FID Inception); a caller whose features are not the FID
+  Inception's (the demo's stand-in) says so with a :class:`FeatureCaveat`, and every output then
+  calls the distance FD, not FID, and carries the caveat.
+
+Each row of ``results.json`` is a :class:`.fid_result.FIDResult` (``to_dict``).
 """
 
 from __future__ import annotations
@@ -21,15 +26,16 @@ import datetime
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..errors import UserError
 from .generation import SamplerSettings
+from .kid import DEFAULT_SEED, DEFAULT_SUBSET_SIZE, DEFAULT_SUBSETS
 
 DEFAULT_PROMPT = "a photo of a face"
-SCHEMA = "facediffuser.eval_table/1"
+SCHEMA = "facediffuser.eval_table/2"
 
 
 @dataclass
@@ -44,18 +50,25 @@ class TableConfig:
     settings: SamplerSettings = field(default_factory=SamplerSettings)
     prompts_file: str | None = None
     lora_scale: float = 1.0
-    inception: str | None = None
-    stand_in_extractor: bool = False
     allow_overlap: bool = False
-    resize: str = "tf1"
     device: str | None = None
     dtype: str | None = None
     batch_size: int = 4
-    kid_subsets: int = 100
-    kid_subset_size: int = 1000
-    kid_seed: int = 2020
+    kid_subsets: int = DEFAULT_SUBSETS
+    kid_subset_size: int = DEFAULT_SUBSET_SIZE
+    kid_seed: int = DEFAULT_SEED
     face_metrics: bool = True
     progress: bool = True
+
+
+@dataclass(frozen=True)
+class FeatureCaveat:
+    """The caller's word that its features are not the FID Inception's (e.g. a demo's random-weight
+    stand-in): every output then names the distance FD, not FID, and shows ``label`` and ``note``."""
+
+    label: str  # short, for titles: "STAND-IN random-weight features"
+    note: str  # one sentence: what the features are and why the numbers are not FID
+    details: dict[str, Any] = field(default_factory=dict)  # recorded in results.json
 
 
 # --- checks before any model is loaded ---------------------------------------------------------
@@ -63,9 +76,9 @@ class TableConfig:
 def check_overlap(lora: str | os.PathLike, real_files: Sequence[Path], *, allow: bool) -> dict[str, Any]:
     """Compare the real images with the LoRA's recorded training set. Raises on overlap unless
     ``allow``; returns what was found (for results.json)."""
-    from ..trainer.kohya_format import image_digest, load_kohya_lora, training_image_digests
+    from ..trainer.kohya_format import image_digest, read_lora_metadata, training_image_digests
 
-    _, metadata = load_kohya_lora(lora)
+    metadata = read_lora_metadata(lora)
     digests = training_image_digests(metadata)
     if digests is None:
         return {"checked": False, "n_overlap": None, "allowed": allow,
@@ -84,8 +97,8 @@ def choose_prompts(prompts_file: str | None, real_files: Sequence[Path], lora: s
     """Prompts from the file; else the held-out reals' captions (``<stem>.txt``); else the LoRA's
     trigger word with the default template. Returns (prompts, where they came from)."""
     from ..trainer.captions import read_caption_file
-    from ..trainer.kohya_format import META_TRIGGER, load_kohya_lora
-    from .generation import read_prompts
+    from ..trainer.kohya_format import META_TRIGGER, read_lora_metadata
+    from ..sd.prompts import read_prompts
 
     if prompts_file:
         return read_prompts(prompts_file), f"file {prompts_file}"
@@ -98,7 +111,7 @@ def choose_prompts(prompts_file: str | None, real_files: Sequence[Path], lora: s
                 captions.append(text)
     if captions:
         return captions, f"captions of the {len(captions)} held-out real images"
-    _, metadata = load_kohya_lora(lora)
+    metadata = read_lora_metadata(lora)
     trigger = metadata.get(META_TRIGGER) or metadata.get("modelspec.trigger_phrase")
     if trigger:
         return [f"{trigger}, {DEFAULT_PROMPT}"], "LoRA metadata (trigger word + default template)"
@@ -118,43 +131,16 @@ def split_real(files: Sequence[Path], n: int) -> tuple[list[Path], list[Path], l
     return ref, files[:half], files[half: 2 * half]
 
 
-# --- extractor -----------------------------------------------------------------------------------
-
-def make_extractor(cfg: TableConfig):
-    """The FID Inception, or — only when asked — the labelled random-weight stand-in."""
-    from .inception import InceptionFeatures, find_inception_weights
-
-    if cfg.stand_in_extractor:
-        from ..demo.standin_inception import default_standin_dir, is_standin, standin_weights
-
-        weights = Path(cfg.inception) if cfg.inception and is_standin(cfg.inception) else standin_weights(default_standin_dir())
-    else:
-        weights = find_inception_weights(cfg.inception)
-    return InceptionFeatures(weights, device=cfg.device, resize=cfg.resize, progress=cfg.progress)
-
-
 # --- the table -----------------------------------------------------------------------------------
 
-def kid_std_or_none(kid_result: dict[str, Any]) -> float | None:
-    """The KID std, or None when it means nothing: a subset as large as both sets is the whole
-    set every time, so all subsets give the same value and the std is 0 by construction."""
-    if kid_result["subset_size"] >= kid_result["n1"] and kid_result["subset_size"] >= kid_result["n2"]:
-        return None
-    return kid_result["std"]
-
-
-def _row(name: str, a_label: str, b_label: str, fa, fb, cfg: TableConfig, note: str | None = None) -> dict[str, Any]:
+def _row(name: str, a_label: str, b_label: str, fa, fb, protocol: dict, cfg: TableConfig,
+         note: str | None = None) -> dict[str, Any]:
     from .stats import FeatureStats, compare
 
-    a = FeatureStats.from_features(fa, source=a_label)
-    b = FeatureStats.from_features(fb, source=b_label)
+    a = FeatureStats.from_features(fa, protocol=protocol, source=a_label)
+    b = FeatureStats.from_features(fb, protocol=protocol, source=b_label)
     res = compare(a, b, kid_subsets=cfg.kid_subsets, kid_subset_size=cfg.kid_subset_size, seed=cfg.kid_seed)
-    k = res["kid"]
-    row = {"name": name, "a": a_label, "b": b_label, "n_a": a.n, "n_b": b.n, "fid": res["fid"],
-           "kid_mean": k["mean"], "kid_std": kid_std_or_none(k), "kid_subsets": k["subsets"], "kid_subset_size": k["subset_size"]}
-    if note:
-        row["note"] = note
-    return row
+    return res.labelled(name, note=note).to_dict()
 
 
 def _image_batches(paths: Sequence[Path], batch_size: int = 16):
@@ -181,10 +167,15 @@ def _face_metrics(real: Sequence[Path], base: Sequence[Path], ft: Sequence[Path]
         return None
 
 
-def run_table(cfg: TableConfig) -> dict[str, Any]:
-    """Generate, embed, compare, and write results.json, table.md, fid_bar_chart.png, samples_grid.png."""
+def run_table(cfg: TableConfig, make_extractor: Callable[[], Any], *, caveat: FeatureCaveat | None = None) -> dict[str, Any]:
+    """Generate, embed, compare, and write results.json, table.md, fid_bar_chart.png, samples_grid.png.
+
+    ``make_extractor()`` builds the feature extractor (``protocol()`` and ``features_from_files()``,
+    e.g. :class:`.inception.InceptionFeatures`); it is called after the input checks and before
+    generation, so a missing weights file fails in a second. ``caveat``: see :class:`FeatureCaveat`."""
     from .generation import generate_pair
-    from .images import image_set_digest, list_images
+    from ..image_files import list_images
+    from .images import image_set_digest
     from .report import write_table_outputs
 
     t0 = time.perf_counter()
@@ -211,15 +202,10 @@ def run_table(cfg: TableConfig) -> dict[str, Any]:
     real_digest, real_files = image_set_digest(real_files)  # canonical content order: names do not matter
     prompts, prompt_source = choose_prompts(cfg.prompts_file, real_files, cfg.lora)
 
-    extractor = make_extractor(cfg)  # before generating: a missing weights file fails in a second
+    extractor = make_extractor()  # before generating: a missing weights file fails in a second
     protocol = extractor.protocol() | {"kid_subsets": cfg.kid_subsets, "kid_seed": cfg.kid_seed}
-    stand_in = cfg.stand_in_extractor
-    if stand_in:
-        from ..demo.standin_inception import STANDIN_NOTE, standin_description
-
-        protocol["stand_in"] = STANDIN_NOTE
-        protocol["stand_in_recipe"] = standin_description()
-        warnings.insert(0, "STAND-IN FEATURES: " + STANDIN_NOTE)
+    if caveat is not None:
+        warnings.insert(0, f"{caveat.label}: {caveat.note}")
 
     t_gen = time.perf_counter()
     pair = generate_pair(cfg.model, cfg.lora, prompts, cfg.settings, cfg.n, base_dir=out / "generated" / "base",
@@ -239,11 +225,11 @@ def run_table(cfg: TableConfig) -> dict[str, Any]:
         f"only {len(real_files)} real images (< 2N = {2 * cfg.n}): the floor compares two halves of {len(floor_a)}, "
         "so it is biased upward relative to the N-vs-N rows")
     rows = [
-        _row("Real vs Base", "real", "base", f_ref, f_base, cfg),
-        _row("Real vs Fine-tuned", "real", "finetuned", f_ref, f_ft, cfg),
-        _row("Base vs Fine-tuned", "base", "finetuned", f_base, f_ft, cfg),
+        _row("Real vs Base", "real", "base", f_ref, f_base, protocol, cfg),
+        _row("Real vs Fine-tuned", "real", "finetuned", f_ref, f_ft, protocol, cfg),
+        _row("Base vs Fine-tuned", "base", "finetuned", f_base, f_ft, protocol, cfg),
         _row("Real vs Real (noise floor)", "real A", "real B", np.stack([real_feats[p] for p in floor_a]),
-             np.stack([real_feats[p] for p in floor_b]), cfg, note=floor_note),
+             np.stack([real_feats[p] for p in floor_b]), protocol, cfg, note=floor_note),
     ]
     if floor_note:
         notes.append(floor_note)
@@ -257,7 +243,7 @@ def run_table(cfg: TableConfig) -> dict[str, Any]:
     results = {
         "schema": SCHEMA,
         "created": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
-        "stand_in": {"features": protocol["stand_in"], "recipe": protocol["stand_in_recipe"]} if stand_in else None,
+        "features_caveat": asdict(caveat) if caveat is not None else None,
         "inputs": {"model": str(cfg.model), "lora": str(cfg.lora), "lora_scale": cfg.lora_scale, "real": str(cfg.real),
                    "n_real_images": len(real_files), "real_images_sha256": real_digest},
         "n": cfg.n,

@@ -1,7 +1,8 @@
 """``facediffuser prep``: turn a folder of photos into FFHQ-aligned face crops with masks.
 
-For every source image: detect faces (:mod:`.face_detection`), pick which to keep, cut the FFHQ
-square around each (:mod:`.face_align`) and write, mirroring the source sub-folders under DST::
+For every source image (listed by :func:`..image_files.list_images`, decoded by
+:func:`..image_files.load_rgb`, as the trainer does): detect faces (:mod:`.detection`), pick which to keep, cut the FFHQ
+square around each (:mod:`.align`), mask it (:mod:`.masks`) and write, mirroring the source sub-folders under DST::
 
     <name>.png        the aligned crop, size x size RGB
     <name>.json       box and landmarks in crop pixels, score, source file, face index, ...
@@ -28,11 +29,12 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..errors import UserError
-from ..fileio import atomic_write_json
-from .align import DEBUG_DIR, MASK_SUFFIX, align_face, mask_debug_image, save_image_atomic, save_mask
+from ..fileio import atomic_write_json, atomic_write_png
+from ..image_files import DEBUG_DIR, MASK_SUFFIX, list_images, load_rgb
+from .align import align_face
+from .masks import face_mask, mask_debug_image, save_mask
 from .detection import DEFAULT_BACKEND, DEFAULT_MIN_SCORE, LANDMARK_NAMES, Face, detect_faces
 
-SOURCE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 SUMMARY_NAME = "prep_summary.json"
 JOURNAL_NAME = ".prep_journal.jsonl"
 FACE_MODES = ("largest", "one-only", "all")
@@ -112,9 +114,7 @@ def prep_folder(
         raise UserError(f"destination is a file, not a folder: {dst_root}")
     if dst_root.resolve() == src_root.resolve():
         raise UserError("DST must differ from SRC: prep writes <name>.png crops that would overwrite the photos")
-    sources = list_sources(src_root, exclude=dst_root)
-    if not sources:
-        raise UserError(f"no images in {src_root} (looked for {', '.join(SOURCE_EXTENSIONS)}, recursively)")
+    sources = list_images(src_root, exclude=dst_root, what="source folder")
     dst_root.mkdir(parents=True, exist_ok=True)
     names = _output_stems(src_root, sources)
     key = settings.key()
@@ -147,21 +147,6 @@ def prep_folder(
     return _write_summary(src_root, dst_root, settings, records, resumed)
 
 
-def list_sources(root: Path, *, exclude: Path | None = None) -> list[Path]:
-    """Image files under ``root`` (sorted; hidden folders, masks and ``exclude`` skipped)."""
-    skip = exclude.resolve() if exclude is not None else None
-    out: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        d = Path(dirpath)
-        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and (skip is None or (d / n).resolve() != skip))
-        for name in sorted(filenames):
-            low = name.lower()
-            if name.startswith(".") or low.endswith(MASK_SUFFIX) or not low.endswith(SOURCE_EXTENSIONS):
-                continue
-            out.append(d / name)
-    return sorted(out, key=lambda p: p.relative_to(root).as_posix())
-
-
 def _output_stems(root: Path, sources: Iterable[Path]) -> dict[Path, Path]:
     """Output path stem (relative folder + name, no extension) per source; clashing stems keep their
     extension so ``a.jpg`` and ``a.png`` do not overwrite each other."""
@@ -181,7 +166,7 @@ def _prep_one(path: Path, rel: str, dst_root: Path, out_stem_rel: Path, s: PrepS
     """Process one source; returns its journal record (outputs written, or why it was dropped)."""
     rec: dict[str, Any] = {"source": rel, "outputs": [], "dropped": None, "detail": "", "faces_detected": 0}
     try:
-        image = _load_rgb(path)
+        image = load_rgb(path)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is "unreadable"
         rec.update(dropped="unreadable", detail=f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
         return rec
@@ -208,19 +193,6 @@ def _prep_one(path: Path, rel: str, dst_root: Path, out_stem_rel: Path, s: PrepS
     return rec
 
 
-def _load_rgb(path: Path) -> "Any":
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        im.load()
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            rgba = im.convert("RGBA")
-            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(bg, rgba).convert("RGB")
-        return im.convert("RGB")
-
-
 def _detect(image: Any, s: PrepSettings, *, device: str | None) -> list[Face]:
     """Detect on a copy whose long side is at most ``detect_max_side`` (speed, memory), then map
     boxes and landmarks back to source pixels."""
@@ -244,12 +216,13 @@ def _write_face(image: Any, face: Face, root: Path, base: Path, rel: str, index:
     """Crop, mask, metadata (and the debug overlay) for one face; each file atomically, the JSON
     last so that its presence means the set is complete."""
     aligned = align_face(image, face.landmarks, s.size, box=face.box)
+    mask = face_mask(aligned.landmarks, (s.size, s.size))
     img_path = root / base.with_name(base.name + ".png")
-    save_image_atomic(aligned.image, img_path)
-    save_mask(aligned.mask, root / base.with_name(base.name + MASK_SUFFIX))
+    atomic_write_png(aligned.image, img_path)
+    save_mask(mask, root / base.with_name(base.name + MASK_SUFFIX))
     if s.debug_masks:
-        save_image_atomic(mask_debug_image(aligned.image, aligned.mask, aligned.landmarks),
-                          root / DEBUG_DIR / base.with_name(base.name + ".png"))
+        atomic_write_png(mask_debug_image(aligned.image, mask, aligned.landmarks),
+                         root / DEBUG_DIR / base.with_name(base.name + ".png"))
     meta = {
         "source": rel,
         "face_index": index,
@@ -266,7 +239,7 @@ def _write_face(image: Any, face: Face, root: Path, base: Path, rel: str, index:
         "mask": base.name + MASK_SUFFIX,
         "detector": s.detector,
     }
-    write_json_atomic(root / base.with_name(base.name + ".json"), meta)
+    atomic_write_json(root / base.with_name(base.name + ".json"), meta)
 
 
 def _outputs_exist(dst_root: Path, rec: dict[str, Any]) -> bool:
@@ -331,10 +304,7 @@ def _write_summary(src: Path, dst: Path, s: PrepSettings, records: list[dict[str
         "dropped": dropped,
         "written": [{"source": r["source"], "outputs": [f"{(Path(r.get('folder', '')) / n).as_posix()}.png" for n in r["outputs"]]} for r in written],
     }
-    path = write_json_atomic(dst / SUMMARY_NAME, summary)
+    path = atomic_write_json(dst / SUMMARY_NAME, summary)
     return PrepResult(dst=dst, summary_path=path, sources=len(records), faces_written=faces_written,
                       images_with_faces=len(written), resumed=resumed, dropped=dropped, summary=summary)
 
-
-def write_json_atomic(path: Path, data: Any) -> Path:
-    return atomic_write_json(path, data)

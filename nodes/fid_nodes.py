@@ -12,6 +12,9 @@
   maths, KID seed).
 * **FID Compare** draws the results of several FID nodes (e.g. base vs base+LoRA) as a bar chart.
 
+The ``FID_RESULT`` socket carries an :class:`..evaluation.fid_result.FIDResult` (the type the CLI
+and the evaluation table use), and the chart is :func:`..evaluation.report.fid_bar_chart`.
+
 The Inception weights (``weights-inception-2015-12-05-6726825d.pth``) are looked up in ComfyUI's
 ``models/inception`` folder(s), then ``$FACEDIFFUSER_INCEPTION`` and ``$TORCH_HOME/hub/checkpoints``;
 when missing, the node error names the file and the folder to put it in.
@@ -20,18 +23,18 @@ when missing, the node error names the file and the folder to put it in.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import UserError
+from ..evaluation.inception import DEFAULT_RESIZE, RESIZE_MODES  # light: torch only inside functions
+from ..evaluation.kid import DEFAULT_SUBSET_SIZE, DEFAULT_SUBSETS
 
 log = logging.getLogger("facediffuser")
 
 CATEGORY = "FaceDiffuser/evaluation"
 COMPUTE_FROM_FOLDER = "(compute from folder)"
-RESIZE_MODES = ("tf1", "pytorch-fid", "torch-antialias")  # = evaluation.inception.RESIZE_MODES (no torch import here)
 MODES = ("single", "accumulate")
 
 _EXTRACTORS: dict[tuple, Any] = {}  # one loaded Inception per (weights file, resize, device)
@@ -86,9 +89,10 @@ def make_reference(folder: str | os.PathLike | None, stats_file: str | os.PathLi
 
 
 def score_images(images: Any, reference: dict, extractor: Any, *, mode: str = "single", bank_path: str | os.PathLike | None = None,
-                 reset: bool = False, kid_subsets: int = 100, kid_subset_size: int = 1000) -> dict:
+                 reset: bool = False, kid_subsets: int = DEFAULT_SUBSETS, kid_subset_size: int = DEFAULT_SUBSET_SIZE) -> tuple[Any, int | None]:
     """FID/KID of ``images`` (ComfyUI IMAGE or uint8 NCHW) against ``reference``, the way
-    ``facediffuser eval fid`` computes them; in ``accumulate`` mode over the whole feature bank."""
+    ``facediffuser eval fid`` computes them; in ``accumulate`` mode over the whole feature bank.
+    Returns the :class:`FIDResult` and, in ``accumulate`` mode, how many images were new to the bank."""
     from ..evaluation.feature_bank import FeatureBank
     from ..evaluation.stats import FeatureStats, compare
 
@@ -97,43 +101,31 @@ def score_images(images: Any, reference: dict, extractor: Any, *, mode: str = "s
     if kid_subsets < 1 or kid_subset_size < 2:
         raise UserError("kid_subsets must be >= 1 and kid_subset_size >= 2")
     ref = reference["stats"]
-    added = None
     if mode == "single":
         feats = extractor(images)
         n = int(feats.shape[0])
         if n < 2:
             raise UserError(f"FID needs at least 2 images, got a batch of {n}: raise the batch size or use accumulate mode")
         gen = FeatureStats.from_features(feats, protocol=extractor.protocol(n), source="batch")
-        res = compare(gen, ref, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
-    else:
-        if bank_path is None:
-            raise UserError("accumulate mode needs a bank file")
-        bank = FeatureBank.open(bank_path)
-        if reset:
-            bank.reset()
-        added = bank.add_images(images, extractor)
-        if len(bank) < 2:
-            raise UserError(f"the bank {Path(bank_path).stem!r} holds {len(bank)} image(s); FID needs at least 2: queue again")
-        res = bank.compare(ref, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size)
-    res["added"] = added
-    return res
+        return compare(gen, ref, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size), None
+    if bank_path is None:
+        raise UserError("accumulate mode needs a bank file")
+    bank = FeatureBank.open(bank_path)
+    if reset:
+        bank.reset()
+    added = bank.add_images(images, extractor)
+    if len(bank) < 2:
+        raise UserError(f"the bank {Path(bank_path).stem!r} holds {len(bank)} image(s); FID needs at least 2: queue again")
+    return bank.compare(ref, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size), added
 
 
-def result_row(res: dict, label: str, mode: str) -> dict:
-    """The compact result (FID_RESULT socket): label, fid, kid ± std, N, reference N, mode."""
-    kid = res.get("kid") or {}
-    return {"label": label, "fid": float(res["fid"]), "kid": kid.get("mean"), "kid_std": kid.get("std"),
-            "n": res["a"]["n"], "n_ref": res["b"]["n"], "mode": mode, "added": res.get("added"),
-            "warnings": list(res.get("warnings") or [])}
-
-
-def summary_text(row: dict) -> str:
-    kid = "n/a (reference has no features)" if row["kid"] is None else f"{row['kid']:.6f} ± {row['kid_std']:.6f}"
-    lines = [f"{row['label']}: FID {row['fid']:.4f}  KID {kid}",
-             f"N = {row['n']} generated vs {row['n_ref']} reference ({row['mode']}"
-             + (f", {row['added']} new this run" if row.get("added") is not None else "") + ")",
+def summary_text(result: Any) -> str:
+    """The FID node's text: the numbers, both N, how this run fed the bank, the warnings."""
+    kid = "n/a (reference has no features)" if result.kid_mean is None else result.kid_text()
+    lines = [f"{result.label}: FID {result.fid:.4f}  KID {kid}",
+             f"N = {result.n_a} generated vs {result.n_b} reference" + (f" ({result.note})" if result.note else ""),
              "FID is biased at small N: compare only at equal N"]
-    lines += [f"warning: {w}" for w in row.get("warnings", [])]
+    lines += [f"warning: {w}" for w in result.warnings]
     return "\n".join(lines)
 
 
@@ -183,7 +175,8 @@ class FaceDiffuserFIDReference:
                 "folder": ("STRING", {"default": "real_faces", "tooltip": "Folder of real face images, relative to ComfyUI's input folder (ignored when a stats file is picked)."}),
                 "stats_file": ([COMPUTE_FROM_FOLDER] + comfy_filename_list(FID_STATS_FOLDER), {"tooltip": "A saved reference (.npz in models/fid_stats), or compute it from the folder."}),
                 "save_as": ("STRING", {"default": "", "tooltip": "When computing from the folder: also save the stats as models/fid_stats/<save_as>.npz (empty = do not save)."}),
-                "resize": (list(RESIZE_MODES), {"default": "tf1", "tooltip": "Resize convention of the Inception input: tf1 = standard FID (TTUR/torch-fidelity), pytorch-fid, or torch-antialias (torchmetrics>=1.8)."}),
+                "resize": (list(RESIZE_MODES), {"default": DEFAULT_RESIZE, "tooltip": "Resize convention of the Inception input: "
+                                                + "; ".join(f"{k} = {v}" for k, v in RESIZE_MODES.items())}),
             },
         }
 
@@ -230,8 +223,8 @@ class FaceDiffuserFID:
                 "label": ("STRING", {"default": "base", "tooltip": "Name of this series (chart label); in accumulate mode also the feature bank's name."}),
                 "mode": (list(MODES), {"default": "single", "tooltip": "single: score this batch; accumulate: add it to the bank and score the bank."}),
                 "reset": ("BOOLEAN", {"default": False, "tooltip": "accumulate: empty the bank before adding this batch."}),
-                "kid_subsets": ("INT", {"default": 100, "min": 1, "max": 10000, "tooltip": "KID: number of random subsets."}),
-                "kid_subset_size": ("INT", {"default": 1000, "min": 2, "max": 100000, "tooltip": "KID: subset size (capped at the smaller N)."}),
+                "kid_subsets": ("INT", {"default": DEFAULT_SUBSETS, "min": 1, "max": 10000, "tooltip": "KID: number of random subsets."}),
+                "kid_subset_size": ("INT", {"default": DEFAULT_SUBSET_SIZE, "min": 2, "max": 100000, "tooltip": "KID: subset size (capped at the smaller N)."}),
             },
         }
 
@@ -243,17 +236,17 @@ class FaceDiffuserFID:
     def score(self, images, reference, label, mode, reset, kid_subsets, kid_subset_size):
         from .paths import BANKS_SUBDIR, bank_file_name, comfy_output_dir
 
-        resize = reference.get("resize") or "tf1"
+        resize = reference.get("resize") or DEFAULT_RESIZE
         extractor = _comfy_extractor_factory(resize)()
         bank = comfy_output_dir() / BANKS_SUBDIR / bank_file_name(label) if mode == "accumulate" else None
-        res = score_images(images, reference, extractor, mode=mode, bank_path=bank, reset=bool(reset),
-                           kid_subsets=int(kid_subsets), kid_subset_size=int(kid_subset_size))
-        row = result_row(res, str(label), mode)
-        text = summary_text(row)
+        res, added = score_images(images, reference, extractor, mode=mode, bank_path=bank, reset=bool(reset),
+                                  kid_subsets=int(kid_subsets), kid_subset_size=int(kid_subset_size))
+        res = res.labelled(str(label), note=mode + (f", {added} new this run" if added is not None else ""))
+        text = summary_text(res)
         log.info("FaceDiffuser FID: %s", text.replace("\n", "; "))
-        kid = float("nan") if row["kid"] is None else float(row["kid"])
-        ui = {"text": [text], "fid": [row["fid"]], "kid": [None if math.isnan(kid) else kid], "n": [row["n"]]}
-        return {"ui": ui, "result": (row["fid"], kid, text, row)}
+        kid = float("nan") if res.kid_mean is None else float(res.kid_mean)
+        ui = {"text": [text], "fid": [res.fid], "kid": [res.kid_mean], "n": [res.n_a]}
+        return {"ui": ui, "result": (res.fid, kid, text, res)}
 
 
 class FaceDiffuserFIDCompare:
@@ -281,16 +274,14 @@ class FaceDiffuserFIDCompare:
     def compare(self, result_1, result_2, result_3=None, result_4=None):
         import torch
 
-        from ..evaluation.comparison_chart import comparison_chart
+        from ..evaluation.fid_result import equal_n_warning
+        from ..evaluation.report import fid_bar_chart
 
         rows = [r for r in (result_1, result_2, result_3, result_4) if r is not None]
-        chart = comparison_chart(rows)
-        table = "\n".join(
-            f"{r['label']}: FID {r['fid']:.4f}, KID "
-            + ("n/a" if r["kid"] is None else f"{r['kid']:.6f} ± {r['kid_std']:.6f}") + f", N = {r['n']}"
-            for r in rows)
-        if len({r["n"] for r in rows}) > 1:
-            table += "\nwarning: different N: FID is biased at small N, compare at equal N"
+        chart = fid_bar_chart(rows)
+        table = "\n".join(r.line() for r in rows)
+        if equal_n_warning(rows):
+            table += f"\nwarning: {equal_n_warning(rows)}"
         image = torch.from_numpy(chart.astype("float32") / 255.0)[None]
         return {"ui": {"text": [table]}, "result": (image, table)}
 

@@ -18,6 +18,7 @@ import os
 from typing import Any, Mapping
 
 from ..errors import UserError
+from ..sd.safetensors_io import read_metadata
 
 log = logging.getLogger("facediffuser")
 
@@ -26,19 +27,6 @@ FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "unknown": "un
 
 
 # --- pure helpers ---------------------------------------------------------------------------------
-
-def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The ``__metadata__`` of a .safetensors file (empty for other files or none)."""
-    if not str(path).endswith(".safetensors"):
-        return {}
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception:  # noqa: BLE001 - a file ComfyUI can load but we cannot read: no metadata
-        return {}
-
 
 def lora_family(meta: Mapping[str, str]) -> tuple[str, bool | None]:
     """(family, v_prediction) from kohya's ``ss_base_model_version`` / ``modelspec.architecture``."""
@@ -194,7 +182,7 @@ class FaceDiffuserLoraLoader:
 
         name = (lora_name_override or "").strip() or lora_name
         path = str(comfy_full_path("loras", name, what="LoRA"))
-        meta = read_safetensors_metadata(path)
+        meta = read_metadata(path) if path.lower().endswith(".safetensors") else {}  # .pt/.ckpt LoRAs: none
         lines = describe_lora(name, meta)
 
         base = model.model

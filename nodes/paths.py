@@ -49,14 +49,6 @@ def env_roots(environ: dict | None = None) -> list[Path]:
     return [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip()]
 
 
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.relative_to(root)
-        return True
-    except ValueError:
-        return False
-
-
 def resolve_user_folder(value: str, *, input_dir: str | os.PathLike, extra_roots: Iterable[str | os.PathLike] = (),
                         what: str = "folder") -> Path:
     """The real path of a folder input, if it is allowed (see the module docstring) and exists."""
@@ -69,7 +61,7 @@ def resolve_user_folder(value: str, *, input_dir: str | os.PathLike, extra_roots
     roots = [base] + [Path(r).expanduser().resolve() for r in extra_roots]
     given = Path(text).expanduser()
     candidate = (given if given.is_absolute() else base / given).resolve()
-    if not any(_inside(candidate, r) for r in roots):
+    if not any(candidate.is_relative_to(r) for r in roots):
         allowed = ", ".join(str(r) for r in roots)
         raise UserError(
             f"{what} {text!r} is outside the allowed folders ({allowed}): use a folder under ComfyUI's input "
@@ -104,7 +96,7 @@ def safe_join(root: str | os.PathLike, name: str, *, what: str = "name") -> Path
     rel = check_relative_name(name, what=what)
     base = Path(root).resolve()
     out = (base / rel).resolve()
-    if not _inside(out, base):
+    if not out.is_relative_to(base):
         raise UserError(f"{what} {name!r} leads outside {base}")
     return out
 

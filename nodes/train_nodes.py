@@ -188,7 +188,7 @@ class FaceDiffuserTrainLora:
         import torch
 
         from ..trainer.training_loop import TrainCallbacks, train
-        from .lora_nodes import read_safetensors_metadata
+        from ..sd.safetensors_io import read_metadata
         from .paths import (TRAIN_STATE_SUBDIR, comfy_folder_path, comfy_full_path, comfy_output_dir,
                             comfy_user_folder, lora_file_name)
 
@@ -204,7 +204,7 @@ class FaceDiffuserTrainLora:
         plot = out.with_name(out.stem + ".loss.png")
 
         if out.is_file():
-            ok, why = existing_lora_matches(read_safetensors_metadata(out), config, dataset_digests(data, config.caption_extension))
+            ok, why = existing_lora_matches(read_metadata(out), config, dataset_digests(data, config.caption_extension))
             if ok:
                 text = f"{name}: already trained with these settings and images; reused (delete it to retrain)"
                 log.info("FaceDiffuser Train Face LoRA: %s", text)

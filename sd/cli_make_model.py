@@ -30,11 +30,11 @@ def register(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParse
     p.add_argument("--dtype", choices=DTYPES, default="fp16", help="dtype of the weights in the file. Default: fp16.")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="Seed of the random weights. Default: 0.")
     p.add_argument("--out", required=True, metavar="FILE", help="Where to write the checkpoint (.safetensors).")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=run)
     return p
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import time
 
     from .make_model import make_checkpoint

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
 from . import checkpoint_layout as layout
+from .safetensors_io import read_header
 
 if TYPE_CHECKING:  # heavy imports happen inside the functions
     import torch
@@ -77,37 +77,6 @@ class SDComponents:
 
 
 # --- reading files -------------------------------------------------------------------------------
-
-def _safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """Shapes and metadata from the header, checking the file is whole (no tensor is read)."""
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise UserError(f"{path}: not a valid safetensors file (only {size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100_000_000):
-            raise UserError(f"{path}: not a valid safetensors file (bad header length; is it really a .safetensors?)")
-        raw = fh.read(n)
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError
-    except (ValueError, UnicodeDecodeError):
-        raise UserError(f"{path}: not a valid safetensors file (unreadable header)") from None
-    meta = header.pop("__metadata__", None) or {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    end = 0
-    try:
-        for key, info in header.items():
-            shapes[key] = tuple(int(d) for d in info["shape"])
-            end = max(end, int(info["data_offsets"][1]))
-    except (KeyError, TypeError, ValueError, IndexError):
-        raise UserError(f"{path}: not a valid safetensors file (malformed tensor entry)") from None
-    if 8 + n + end > size:
-        raise UserError(f"{path}: safetensors file is truncated ({size} of {8 + n + end} bytes); download it again")
-    return shapes, {str(k): str(v) for k, v in meta.items()}
-
 
 def _torch_load(path: Path) -> dict[str, "torch.Tensor"]:
     """Untrusted pickles: weights_only=True only. Unwraps Lightning's ``state_dict``."""
@@ -173,8 +142,9 @@ class _Source:
 def _open_single_file(path: Path, *, with_tensors: bool) -> _Source:
     suffix = path.suffix.lower()
     if suffix in (".safetensors", ".sft"):
-        shapes, meta = _safetensors_header(path)
-        src = _Source(path, shapes, meta, name=str(path))
+        header = read_header(path)
+        shapes = header.shapes
+        src = _Source(path, shapes, header.metadata, name=str(path))
         if with_tensors:
             src.tensors = _SafetensorsView(path, iter(shapes))
         return src

@@ -1,4 +1,4 @@
-"""The face LoRA trainer: model loading, data, caches, LoRA <-> kohya format, the training loop.
+"""The face LoRA trainer: settings, data, caches, LoRA <-> kohya format, LoRA targets, checkpoints, the loop.
 
 torch-only: nothing here imports ComfyUI.
 """

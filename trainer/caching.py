@@ -2,7 +2,8 @@
 
 Why: the frozen VAE and (usually) the frozen text encoder cost more per step than a LoRA update at
 small batch sizes; encoding each image once and reading it back later is what fast trainers do
-(see research/peers.md §0.4). Everything here is shared across runs and safe against crashes.
+(OneTrainer, SimpleTuner and ai-toolkit cache latents and text embeddings; kohya's sd-scripts caches
+SD1.x latents only). Everything here is shared across runs and safe against crashes.
 
 Layout (``<cache_dir>/``)::
 
@@ -50,7 +51,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 from ..errors import UserError
 from ..fileio import atomic_path
 from .captions import augment_caption
-from .dataset import BadImage, ImageRecord, prepare_image, prepare_mask
+from ..image_files import BadImage
+from .dataset import ImageRecord, prepare_image, prepare_mask
 
 if TYPE_CHECKING:
     import torch

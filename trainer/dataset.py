@@ -1,17 +1,17 @@
 """The training images: find them, vet them, and turn one into a square tensor.
 
-* :func:`scan_images` walks the data folder (recursively, sorted by relative path so every run and
-  every machine sees the same order) and pairs each ``.jpg/.jpeg/.png/.webp`` with its optional
-  caption file (``<stem><caption_extension>``) and optional face mask (``<stem>.mask.png``, written
-  by ``facediffuser prep``). Hidden files and folders (``.*``) are ignored, so a cache folder or
-  macOS ``._x.jpg`` droppings inside the data folder never count as images.
+* :func:`scan_images` lists the data folder with :func:`..image_files.list_images` (recursively,
+  sorted by relative path so every run and every machine sees the same order; the extension set
+  prep and the evaluation use, hidden files and folders and prep's masks skipped) and pairs each
+  image with its optional caption file (``<stem><caption_extension>``) and optional face mask
+  (``<stem>.mask.png``, written by ``facediffuser prep``).
 * :func:`check_dataset` is what the training loop calls **before loading any model**: it raises a
   :class:`UserError` for a missing or empty folder, reads every file once (its sha256 goes into the
   LoRA metadata for the evaluation overlap guard and keys the latent cache), checks that it is a
   usable image, and returns one report line per skipped or converted file.
-* :func:`load_rgb` / :func:`prepare_image` decode and prepare an image: EXIF orientation applied,
-  converted to 8-bit RGB (CMYK, 16-bit, grayscale, palette; transparency composited on white),
-  **centre-cropped to the largest square, then resized to ``resolution`` with Lanczos** (the same
+* :func:`prepare_image` decodes an image with :func:`..image_files.load_rgb` (EXIF orientation
+  applied, converted to 8-bit RGB: CMYK, 16-bit, grayscale, palette; transparency composited on
+  white), **centre-cropped to the largest square, then resized to ``resolution`` with Lanczos** (the same
   result as "resize the short side, then centre-crop", in one antialiased resample). There is no
   aspect-ratio bucketing: FFHQ-style face data is square and aligned; other photos lose their edges.
 
@@ -21,8 +21,6 @@ to teach anything but blur; images between that and ``resolution`` are upscaled.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -30,8 +28,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from ..errors import UserError
+from ..faces.masks import read_mask
+from ..fileio import file_sha256
+from ..image_files import CONVERSIONS, MASK_SUFFIX, SUPPORTED_MODES, BadImage, list_images, load_rgb, open_image
 from .captions import build_caption, tag_frequency
-from ..faces.align import MASK_SUFFIX
 
 if TYPE_CHECKING:  # heavy imports stay inside functions (see docs/internals.md)
     import torch
@@ -39,7 +39,6 @@ if TYPE_CHECKING:  # heavy imports stay inside functions (see docs/internals.md)
 
     from .config import TrainConfig
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 #: An image whose short side is below resolution // MIN_SIDE_DIVISOR is skipped.
 MIN_SIDE_DIVISOR = 4
 
@@ -93,71 +92,42 @@ def _folder_name(data_dir: Path, rec: ImageRecord) -> str:
 
 
 def scan_images(data_dir: str | os.PathLike, caption_extension: str = ".txt") -> list[ImageRecord]:
-    """All images under ``data_dir`` (recursive, case-insensitive extensions), sorted by relative path.
-
-    Raises UserError for a missing folder or one without any image file.
-    """
+    """All images under ``data_dir`` (see :func:`..image_files.list_images`), sorted by relative path,
+    each with its caption and mask file if present. Raises UserError for a missing folder or one
+    without any image file."""
     root = Path(data_dir)
-    if not root.exists():
-        raise UserError(f"dataset folder not found: {root}")
-    if not root.is_dir():
-        raise UserError(f"--data must be a folder of images, not a file: {root}")
     if caption_extension and not caption_extension.startswith("."):
         caption_extension = "." + caption_extension
+    files = list_images(root, what="dataset folder")
+    siblings: dict[Path, tuple[set[str], dict[str, str]]] = {}  # one directory listing per folder
     records: list[ImageRecord] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        names = set(filenames)
-        lower = {n.lower(): n for n in filenames}
-        for name in sorted(filenames):
-            low = name.lower()
-            if name.startswith(".") or low.endswith(MASK_SUFFIX) or not low.endswith(IMAGE_EXTENSIONS):
-                continue
-            stem = name.rsplit(".", 1)[0]
-            cap = stem + caption_extension if caption_extension else None
-            mask = lower.get((stem + MASK_SUFFIX).lower())
-            d = Path(dirpath)
-            records.append(ImageRecord(
-                path=d / name,
-                rel=(d / name).relative_to(root).as_posix(),
-                caption_path=d / cap if cap and cap in names else None,
-                mask_path=d / mask if mask else None,
-            ))
-    if not records:
-        raise UserError(f"no images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)")
-    records.sort(key=lambda r: r.rel)
+    for path in files:
+        d = path.parent
+        if d not in siblings:
+            names = {e.name for e in os.scandir(d) if e.is_file()}
+            siblings[d] = (names, {n.lower(): n for n in names})
+        names, lower = siblings[d]
+        stem = path.name.rsplit(".", 1)[0]
+        cap = stem + caption_extension if caption_extension else None
+        mask = lower.get((stem + MASK_SUFFIX).lower())
+        records.append(ImageRecord(
+            path=path,
+            rel=path.relative_to(root).as_posix(),
+            caption_path=d / cap if cap and cap in names else None,
+            mask_path=d / mask if mask else None,
+        ))
     return records
 
 
 # --- vetting ----------------------------------------------------------------------------------
 
-class BadImage(Exception):
-    """An image we skip; the message says why (one short phrase)."""
-
-
-def _open(data: bytes) -> "Image.Image":
-    from PIL import Image, UnidentifiedImageError
-
-    if not data:
-        raise BadImage("empty file (0 bytes)")
-    try:
-        img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise BadImage("not an image (unrecognised file content)") from None
-    except Image.DecompressionBombError:
-        raise BadImage(f"image too large (over {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels)") from None
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken headers
-        raise BadImage(f"unreadable image header ({exc})") from None
-    return img
-
-
 def _verify(data: bytes) -> tuple[int, int, str]:
     """Decode ``data`` fully (cheaply for JPEG) and return its upright size and pixel mode."""
-    img = _open(data)
+    img = open_image(data)
     try:
         if img.format == "PNG":
             img.verify()  # walks every chunk's CRC: catches truncation and bit rot
-            img = _open(data)
+            img = open_image(data)
         w, h, mode, fmt = img.width, img.height, img.mode, img.format
         try:
             orientation = img.getexif().get(0x0112, 1)
@@ -175,26 +145,6 @@ def _verify(data: bytes) -> tuple[int, int, str]:
     return w, h, mode
 
 
-_CONVERTED = {
-    "CMYK": "converted CMYK to RGB",
-    "I;16": "converted 16-bit to 8-bit RGB",
-    "I;16B": "converted 16-bit to 8-bit RGB",
-    "I;16L": "converted 16-bit to 8-bit RGB",
-    "I": "converted 16-bit to 8-bit RGB",  # older Pillow opens 16-bit gray PNGs as "I"
-    "F": "converted float to 8-bit RGB",
-    "L": "converted grayscale to RGB",
-    "1": "converted 1-bit to RGB",
-    "LA": "converted grayscale+alpha to RGB on white",
-    "P": "converted palette to RGB",
-    "PA": "converted palette+alpha to RGB on white",
-    "RGBA": "composited RGBA on white",
-    "RGBa": "composited RGBA on white",
-    "YCbCr": "converted YCbCr to RGB",
-    "LAB": "converted Lab to RGB",
-}
-_SUPPORTED = set(_CONVERTED) | {"RGB", "RGBX"}
-
-
 def _check_one(rec: ImageRecord, min_side: int) -> tuple[ImageRecord | None, str | None, list[str]]:
     """(record with hash and size, skip reason, notes) for one file."""
     try:
@@ -203,13 +153,13 @@ def _check_one(rec: ImageRecord, min_side: int) -> tuple[ImageRecord | None, str
         return None, f"cannot read file ({exc.strerror or exc})", []
     try:
         w, h, mode = _verify(data)
-        if mode not in _SUPPORTED:
+        if mode not in SUPPORTED_MODES:
             raise BadImage(f"unsupported pixel mode {mode}")
         if min(w, h) < min_side:
             raise BadImage(f"too small ({w}x{h}; the short side must be at least {min_side} px)")
     except BadImage as exc:
         return None, str(exc), []
-    notes = [_CONVERTED[mode]] if mode in _CONVERTED else []
+    notes = [CONVERSIONS[mode]] if mode in CONVERSIONS else []
     if mode == "P" and _has_transparency_bytes(data):
         notes = ["converted palette with transparency to RGB on white"]
     mask_sha = ""
@@ -219,23 +169,24 @@ def _check_one(rec: ImageRecord, min_side: int) -> tuple[ImageRecord | None, str
             mw, mh, _ = _verify(mdata)
             if (mw, mh) != (w, h):
                 raise BadImage(f"mask is {mw}x{mh} but the image is {w}x{h}")
-            mask_sha = hashlib.sha256(mdata).hexdigest()
+            mask_sha = file_sha256(mdata)
         except (OSError, BadImage) as exc:
             notes.append(f"face mask {rec.mask_path.name} ignored: {exc}")
-    out = replace(rec, sha256=hashlib.sha256(data).hexdigest(), width=w, height=h, mask_sha256=mask_sha,
+    out = replace(rec, sha256=file_sha256(data), width=w, height=h, mask_sha256=mask_sha,
                   mask_path=rec.mask_path if mask_sha else None)
     return out, None, notes
 
 
 def _has_transparency_bytes(data: bytes) -> bool:
-    return "transparency" in _open(data).info
+    return "transparency" in open_image(data).info
 
 
 def check_images(records: Iterable[ImageRecord], resolution: int, *, workers: int | None = None,
-                 progress: bool = False) -> tuple[list[ImageRecord], list[str], list[str]]:
+                 progress: bool = False) -> tuple[list[ImageRecord], list[tuple[Path, str]], list[str]]:
     """Vet ``records`` in parallel threads (hashing and decoding release the GIL).
 
-    Returns (usable records with sha256 and size, skipped lines, note lines), in input order.
+    Returns (usable records with sha256 and size, (path, why) of each skipped file, note lines),
+    in input order.
     """
     records = list(records)
     min_side = min_side_for(resolution)
@@ -248,7 +199,7 @@ def check_images(records: Iterable[ImageRecord], resolution: int, *, workers: in
     good, skipped, notes = [], [], []
     for rec, (out, why, rec_notes) in zip(records, results):
         if out is None:
-            skipped.append(f"{rec.path}: {why}")
+            skipped.append((rec.path, why))
         else:
             good.append(out)
         notes.extend(f"{rec.path}: {n}" for n in rec_notes)
@@ -269,64 +220,37 @@ def check_dataset(config: "TrainConfig", *, progress: bool = False) -> DatasetSc
         try:
             captions.append(build_caption(rec.caption_path, config.caption_template, config.trigger))
         except UserError as exc:
-            skipped.append(f"{rec.path}: {exc}")
+            skipped.append((rec.path, str(exc)))
             continue
         images.append(rec)
     if not images:
-        first = skipped[0] if skipped else ""
-        raise UserError(f"none of the {len(records)} image(s) in {data_dir} is usable (e.g. {first})")
-    return DatasetScan(data_dir=data_dir, images=images, captions=captions, skipped=skipped, notes=notes,
-                       min_side=min_side_for(config.resolution))
+        raise UserError(f"none of the {len(records)} image(s) in {data_dir} is usable: "
+                        + skip_summary(skipped, data_dir, config.resolution))
+    return DatasetScan(data_dir=data_dir, images=images, captions=captions, skipped=[f"{p}: {why}" for p, why in skipped],
+                       notes=notes, min_side=min_side_for(config.resolution))
+
+
+def skip_summary(skipped: Iterable[tuple[Path, str]], data_dir: Path, resolution: int) -> str:
+    """The skip reasons by count, most common first, one example file each: "3 too small for 512 px
+    (short side < 128; e.g. a.jpg), 1 not an image (e.g. notes.png)"."""
+    groups: dict[str, list[Path]] = {}
+    for path, why in skipped:
+        if why.startswith("too small"):
+            kind = f"too small for {resolution} px (short side < {min_side_for(resolution)})"
+        elif "caption" in why:
+            kind = "unreadable caption file"
+        else:  # "not an image (unrecognised file content)" -> "not an image"
+            kind = why.split(" (", 1)[0]
+        groups.setdefault(kind, []).append(path)
+    parts = []
+    for kind, paths in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        example = paths[0].relative_to(data_dir).as_posix() if paths[0].is_relative_to(data_dir) else str(paths[0])
+        text = f"{len(paths)} {kind}"
+        parts.append(text[:-1] + f"; e.g. {example})" if text.endswith(")") else text + f" (e.g. {example})")
+    return ", ".join(parts)
 
 
 # --- preparation --------------------------------------------------------------------------------
-
-def load_rgb(path: str | os.PathLike) -> "Image.Image":
-    """Decode a file to an 8-bit RGB PIL image, upright (EXIF), transparency on white.
-
-    Raises BadImage (with the reason) for files that cannot be used.
-    """
-    from PIL import ImageOps
-
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise BadImage(f"cannot read file ({exc.strerror or exc})") from None
-    img = _open(data)
-    try:
-        img.load()
-        img = ImageOps.exif_transpose(img)
-    except Exception as exc:  # noqa: BLE001
-        raise BadImage(f"corrupt or truncated image data ({exc})") from None
-    return to_rgb(img)
-
-
-def to_rgb(img: "Image.Image") -> "Image.Image":
-    """8-bit RGB from any PIL mode we accept (see the module docstring)."""
-    import numpy as np
-    from PIL import Image
-
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if (mode.startswith("I;16") or arr.max(initial=0) > 255) else 255.0
-        if mode == "F" and arr.max(initial=0) <= 1.0:
-            top = 1.0
-        arr8 = np.clip(np.rint(arr / top * 255.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8, "L").convert("RGB")
-    if mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-        mode = "RGBA"
-    if mode in ("RGBA", "RGBa", "LA", "PA", "La"):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    if mode not in _SUPPORTED:
-        raise BadImage(f"unsupported pixel mode {mode}")
-    return img.convert("RGB")
-
 
 def fit_square(img: "Image.Image", size: int, resample: int | None = None) -> "Image.Image":
     """Centre-crop the largest square and resize it to ``size`` (antialiased Lanczos by default)."""
@@ -356,27 +280,13 @@ def prepare_image(path: str | os.PathLike, resolution: int, *, flip: bool = Fals
 def prepare_mask(path: str | os.PathLike, size: int, *, flip: bool = False) -> "torch.Tensor":
     """A face mask at ``size`` x ``size`` (latent size): (1, size, size) float32 in [0, 1].
 
-    Same centre crop as the image; area-averaged (box filter) so a latent cell holds the fraction
-    of its pixels that are face. Grayscale white = face; a mask with a varying alpha channel uses
-    the alpha (kohya's ``--alpha_mask`` convention).
+    Read by :func:`..faces.masks.read_mask`; the same centre crop as the image, area-averaged (box
+    filter) so a latent cell holds the fraction of its pixels that are face.
     """
     import numpy as np
     import torch
-    from PIL import Image, ImageOps
+    from PIL import Image
 
-    try:
-        img = Image.open(path)
-        img = ImageOps.exif_transpose(img)
-        img.load()
-    except Exception as exc:  # noqa: BLE001
-        raise BadImage(f"unreadable face mask ({exc})") from None
-    alpha = None
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        alpha = img.convert("RGBA").getchannel("A")
-    if alpha is not None and alpha.getextrema()[0] != alpha.getextrema()[1]:
-        img = alpha
-    elif img.mode != "L":
-        img = to_rgb(img).convert("L")
-    m = fit_square(img, size, Image.Resampling.BOX)
+    m = fit_square(read_mask(path), size, Image.Resampling.BOX)
     t = torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0).unsqueeze(0)
     return t.flip(-1).contiguous() if flip else t.contiguous()

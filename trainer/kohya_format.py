@@ -24,7 +24,6 @@ else with one line. Training-set membership for the evaluator's overlap guard:
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -36,8 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import UserError
-from ..fileio import atomic_write_bytes
-from ..sd.safetensors_io import canonicalize, split_blob
+from ..fileio import atomic_write_bytes, file_sha256
+from ..sd.safetensors_io import Header, canonicalize, read_header, split_blob
 
 if TYPE_CHECKING:  # torch/safetensors are imported inside functions (docs/internals.md)
     import torch
@@ -300,8 +299,7 @@ def network_dims(tensors: Mapping[str, "torch.Tensor"]) -> dict[str, tuple[int, 
 
 def image_digest(image: str | os.PathLike[str] | bytes) -> str:
     """The per-image digest stored in the file: sha256 of the file's bytes, first 16 hex digits."""
-    data = image if isinstance(image, bytes) else Path(image).read_bytes()
-    return hashlib.sha256(data).hexdigest()[:IMAGE_DIGEST_HEX]
+    return file_sha256(image)[:IMAGE_DIGEST_HEX]
 
 
 def training_image_digests(metadata: Mapping[str, str]) -> frozenset[str] | None:
@@ -493,8 +491,8 @@ def safetensors_hashes(tensors: Mapping[str, "torch.Tensor"], metadata: Mapping[
     from safetensors.torch import save
 
     blob = save(dict(tensors), metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
-    model_hash = hashlib.sha256(_data_section(blob)).hexdigest()
-    legacy_hash = hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
+    model_hash = file_sha256(_data_section(blob))
+    legacy_hash = file_sha256(blob[0x100000:0x110000])[:8]
     return model_hash, legacy_hash
 
 
@@ -521,10 +519,30 @@ def save_kohya_lora(path: str | os.PathLike[str], tensors: Mapping[str, "torch.T
     meta = dict(metadata)
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = safetensors_hashes(out, meta)
     blob = canonicalize(save(out, metadata=meta))  # same tensors + metadata -> same bytes, in any process
-    if hashlib.sha256(_data_section(blob)).hexdigest() != meta["sshs_model_hash"]:  # the header must not move data
+    if file_sha256(_data_section(blob)) != meta["sshs_model_hash"]:  # the header must not move data
         raise AssertionError("sshs_model_hash does not match the data written")
     atomic_write_bytes(path, blob)
     return meta
+
+
+def read_lora_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """A kohya LoRA's metadata from its header alone (no tensor is read; see
+    :func:`..sd.safetensors_io.read_header`). Anything that is not a LoRA raises a one-line UserError."""
+    return _lora_header(path).metadata
+
+
+def _lora_header(path: str | os.PathLike[str]) -> Header:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"LoRA file not found: {p}")
+    if p.suffix.lower() != ".safetensors":
+        raise UserError(f"{p.name}: LoRA files must be .safetensors (got {p.suffix or 'no extension'})")
+    header = read_header(p)  # its errors name the file and what is wrong with it
+    keys = header.tensors
+    if not any(k.startswith((UNET_PREFIX,) + TE_READ_PREFIXES + ("lora_te2_",)) for k in keys):
+        hint = " (it looks like a full model checkpoint)" if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in keys) else ""
+        raise UserError(f"{p.name} is not a kohya LoRA: it has no lora_unet_/lora_te_ keys{hint}")
+    return header
 
 
 def load_kohya_lora(path: str | os.PathLike[str]) -> tuple[dict[str, "torch.Tensor"], dict[str, str]]:
@@ -532,22 +550,12 @@ def load_kohya_lora(path: str | os.PathLike[str]) -> tuple[dict[str, "torch.Tens
     :func:`kohya_delta_weights`). Anything that is not one raises a one-line :class:`UserError`."""
     from safetensors import SafetensorError, safe_open
 
+    header = _lora_header(path)
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"LoRA file not found: {p}")
-    if p.suffix.lower() != ".safetensors":
-        raise UserError(f"{p.name}: LoRA files must be .safetensors (got {p.suffix or 'no extension'})")
     try:
         with safe_open(str(p), framework="pt") as fh:
-            metadata = dict(fh.metadata() or {})
-            keys = list(fh.keys())
-            if not any(k.startswith((UNET_PREFIX,) + TE_READ_PREFIXES + ("lora_te2_",)) for k in keys):
-                hint = " (it looks like a full model checkpoint)" if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in keys) else ""
-                raise UserError(f"{p.name} is not a kohya LoRA: it has no lora_unet_/lora_te_ keys{hint}")
-            tensors = {k: fh.get_tensor(k) for k in keys}
+            tensors = {k: fh.get_tensor(k) for k in header.tensors}
     except (SafetensorError, OSError, ValueError) as exc:
-        if isinstance(exc, UserError):
-            raise
         raise UserError(f"{p.name} is not a readable safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     _group_kohya(tensors, p.name)
-    return tensors, metadata
+    return tensors, header.metadata

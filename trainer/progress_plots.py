@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from ..fileio import atomic_path
+from ..fileio import atomic_path, atomic_write_png
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -90,6 +90,4 @@ def save_sample_grid(images: Sequence["Image.Image"], path: str | Path, labels: 
     """Write the sample images of one step as a single PNG grid (atomically). Returns the path."""
     path = Path(path)
     grid = image_grid(images, labels, cols=cols)
-    with atomic_path(path) as tmp:
-        grid.save(tmp, format="PNG")
-    return path
+    return atomic_write_png(grid, path)

@@ -618,7 +618,7 @@ def _diffusion_loss(config: TrainConfig, models: Any, batch: dict[str, Any], gen
     import torch
     from diffusers.training_utils import compute_snr
 
-    from ..faces.align import face_weight_map, weighted_mse
+    from ..faces.masks import face_weight_map, weighted_mse
 
     scheduler = models.noise_scheduler
     latents = _latents(models, batch, device, gen)
@@ -820,13 +820,9 @@ def _write_loss_plot(config: TrainConfig, run: _RunState, *, finished: bool) -> 
 def _read_prompts(config: TrainConfig) -> list[str]:
     if not config.sample_prompts:
         return [config.trigger + ", " + config.caption_template if config.trigger else config.caption_template]
-    p = Path(config.sample_prompts)
-    if not p.is_file():
-        raise UserError(f"--sample-prompts file not found: {p}")
-    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip() and not line.startswith("#")]
-    if not prompts:
-        raise UserError(f"--sample-prompts {p} has no prompts (one per line)")
-    return prompts
+    from ..sd.prompts import read_prompts
+
+    return read_prompts(config.sample_prompts, flag="--sample-prompts")
 
 
 def _write_samples(config: TrainConfig, models: Any, ema: Any, params: list, accelerator: "Accelerator", step: int,

@@ -32,9 +32,12 @@ def test_demo_runs_and_finetuned_beats_base(tmp_path, monkeypatch):
     assert "stand-ins for: model, data, features" in head and "must not be quoted as FID" in head
     assert report.count("STAND-IN") >= 4  # provenance rows for model, data, features + the table's warning
     r = json.loads((out / "results.json").read_text())
-    assert r["stand_in"]["features"] and r["demo"]["provenance"]["features"].startswith("STAND-IN")
+    assert r["features_caveat"]["note"] and r["demo"]["provenance"]["features"].startswith("STAND-IN")
+    assert r["features_caveat"]["label"].startswith("STAND-IN") and r["features_caveat"]["details"]["version"] >= 2
+    assert "Fréchet distance (STAND-IN random-weight features, not FID)" in (out / "table.md").read_text().splitlines()[0]
+    assert "| FD ↓ |" in report and "| FID ↓ |" not in report
     assert r["protocol"]["weights"].startswith("STAND-IN-random-inception-v2")
-    rows = {row["name"]: row for row in r["rows"]}
+    rows = {row["label"]: row for row in r["rows"]}
     base, ft = rows["Real vs Base"]["fid"], rows["Real vs Fine-tuned"]["fid"]
     assert ft < MARGIN * base, (ft, base)
     # the stand-in's scale is normalised: distances read like FIDs, not tens of thousands

@@ -10,7 +10,7 @@ import pytest
 
 
 def _digests(folder):
-    from facediffuser.evaluation.images import list_images
+    from facediffuser.image_files import list_images
     from facediffuser.trainer.kohya_format import image_digest
 
     return {image_digest(p) for p in list_images(folder)}

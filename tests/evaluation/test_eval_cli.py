@@ -66,8 +66,9 @@ def test_fid_end_to_end_equals_pytorch_fid_at_299(tmp_path, inception_torch_home
     assert rel(ours_same_stats, exact) <= 1e-9
     assert rel(ours_same_stats, theirs) <= 1e-5
     assert rel(res["fid"], theirs) <= 1e-5
-    assert res["a"]["n"] == 10 and res["b"]["n"] == 12 and res["kid"]["subset_size"] == 10
-    assert res["a"]["protocol"]["resize"] == "pytorch-fid" and not res["warnings"]
+    assert res["n_a"] == 10 and res["n_b"] == 12 and res["kid_subset_size"] == 10 and res["kid_std"] is not None
+    assert res["protocol_a"]["resize"] == res["protocol_b"]["resize"] == "pytorch-fid" and not res["warnings"]
+    assert res["a"] == str(a) and res["b"] == str(b)
 
 
 def test_stats_then_fid_text_output(tmp_path, inception_torch_home, capsys):
@@ -88,7 +89,8 @@ def test_stats_then_fid_text_output(tmp_path, inception_torch_home, capsys):
         np.savez_compressed(tmp_path / "plain.npz", mu=z["mu"], sigma=z["sigma"])
     rc, out, err = _run(capsys, "eval", "fid", str(tmp_path / "plain.npz"), str(tmp_path / "ref.npz"), "--json")
     res = json.loads(out)
-    assert rc == 0 and res["kid"] is None and abs(res["fid"]) < 1e-6 and "no recorded protocol" in err
+    assert rc == 0 and res["kid_mean"] is None and abs(res["fid"]) < 1e-6 and "no recorded protocol" in err
+    assert any("no recorded protocol" in w for w in res["warnings"])
 
 
 @pytest.mark.parametrize("case", ["missing_weights", "empty", "one_image", "dims", "corrupt"])

@@ -45,14 +45,20 @@ def test_table_writes_four_artefacts_with_identical_settings(trained, sd15_tiny_
     g_base = json.loads((out / "generated" / "base" / "generation.json").read_text())
     g_ft = json.loads((out / "generated" / "finetuned" / "generation.json").read_text())
     assert g_base["settings"] == g_ft["settings"]
-    names = [row["name"] for row in r["rows"]]
+    names = [row["label"] for row in r["rows"]]
     assert names == ["Real vs Base", "Real vs Fine-tuned", "Base vs Fine-tuned", "Real vs Real (noise floor)"]
     assert [(row["n_a"], row["n_b"]) for row in r["rows"]] == [(4, 4), (4, 4), (4, 4), (4, 4)]
     assert all(row["fid"] > 0 for row in r["rows"])
     # N = 4 and subset size capped at 4: every subset is the whole set, so the std is undefined
     assert all(row["kid_subset_size"] == 4 and row["kid_std"] is None for row in r["rows"])
     assert r["face_metrics"] is None and "face metrics skipped (--no-face-metrics)" in r["notes"]
-    assert r["protocol"]["weights_sha256"] and r["protocol"]["resize"] == "tf1" and r["stand_in"] is None
+    assert r["protocol"]["weights_sha256"] and r["protocol"]["resize"] == "tf1" and r["features_caveat"] is None
+    assert r["schema"] == "facediffuser.eval_table/2"
+    from facediffuser.evaluation.fid_result import FIDResult
+
+    rows = [FIDResult.from_dict(row) for row in r["rows"]]  # each row is the one result type
+    assert all(row.protocol == r["protocol"] | {"n": 4} and not row.warnings for row in rows)
+    assert rows[0].a == "real" and rows[0].b == "base" and "FID" in md_title(out)
     assert r["overlap"]["checked"] and r["overlap"]["n_overlap"] == 0
     md = (out / "table.md").read_text()
     assert "Real vs Real" in md and "4 / 4" in md and "ddim" in md
@@ -91,30 +97,33 @@ def test_table_face_metrics_and_kid_std(trained, sd15_tiny_checkpoint, inception
     assert "± n/a" not in md
 
 
-def test_kid_std_is_none_only_when_every_subset_is_the_whole_set():
-    from facediffuser.evaluation.table import kid_std_or_none
+def md_title(out):
+    return (out / "table.md").read_text().splitlines()[0]
 
-    base = {"std": 0.0, "subsets": 10}
-    assert kid_std_or_none(base | {"subset_size": 16, "n1": 16, "n2": 16}) is None
-    assert kid_std_or_none(base | {"subset_size": 16, "n1": 16, "n2": 40, "std": 0.3}) == 0.3  # side 2 varies
-    assert kid_std_or_none(base | {"subset_size": 8, "n1": 16, "n2": 16, "std": 0.2}) == 0.2
+
+def test_kid_std_is_none_only_when_every_subset_is_the_whole_set():
+    from facediffuser.evaluation.fid_result import kid_std_or_none
+
+    assert kid_std_or_none(0.0, subset_size=16, n1=16, n2=16) is None
+    assert kid_std_or_none(0.3, subset_size=16, n1=16, n2=40) == 0.3  # side 2 varies
+    assert kid_std_or_none(0.2, subset_size=8, n1=16, n2=16) == 0.2
 
 
 def test_overlap_guard_refuses_training_images(trained, sd15_tiny_checkpoint, tmp_path):
     from facediffuser.errors import UserError
     from facediffuser.evaluation.table import TableConfig, check_overlap, run_table
-    from facediffuser.evaluation.images import list_images
+    from facediffuser.image_files import list_images
 
     d, train_dir, _, lora = trained
-    with pytest.raises(UserError, match="training set"):
-        run_table(TableConfig(model=str(sd15_tiny_checkpoint), lora=str(lora), real=str(train_dir), out=str(tmp_path / "x"), n=2))
+    with pytest.raises(UserError, match="training set"):  # refused before the extractor is even built
+        run_table(TableConfig(model=str(sd15_tiny_checkpoint), lora=str(lora), real=str(train_dir), out=str(tmp_path / "x"), n=2),
+                  lambda: pytest.fail("extractor built before the overlap check"))
     info = check_overlap(lora, list_images(train_dir), allow=True)
     assert info["checked"] and info["n_overlap"] == 4
 
 
-def test_missing_inception_names_the_file(trained, sd15_tiny_checkpoint, tmp_path, monkeypatch):
-    from facediffuser.errors import UserError
-    from facediffuser.evaluation.table import TableConfig, run_table
+def test_missing_inception_names_the_file(trained, sd15_tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    from facediffuser.cli import main
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_home"))
     monkeypatch.delenv("FACEDIFFUSER_INCEPTION", raising=False)
@@ -122,5 +131,24 @@ def test_missing_inception_names_the_file(trained, sd15_tiny_checkpoint, tmp_pat
 
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
     d, _, held, lora = trained
-    with pytest.raises(UserError, match="weights-inception-2015-12-05-6726825d.pth"):
-        run_table(TableConfig(model=str(sd15_tiny_checkpoint), lora=str(lora), real=str(held), out=str(tmp_path / "x"), n=2))
+    rc = main(["eval", "table", "--model", str(sd15_tiny_checkpoint), "--lora", str(lora), "--real", str(held),
+               "--n", "2", "--out", str(tmp_path / "x"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "weights-inception-2015-12-05-6726825d.pth" in err and err.count("\n") == 1
+    assert not (tmp_path / "x" / "generated").exists()  # failed before generating anything
+
+
+def test_no_stand_in_switch_in_the_product_evaluation():
+    """Stand-ins live in demo/: evaluation/ never imports them, and the CLI offers no stand-in flag."""
+    import ast
+    import pathlib
+
+    import facediffuser.evaluation as ev
+    from facediffuser.cli import build_parser
+
+    for f in pathlib.Path(ev.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                assert "demo" not in (node.module or "").split("."), f"{f.name} imports {node.module}"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "table", "--model", "m", "--lora", "l", "--real", "r", "--out", "o", "--stand-in-extractor"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -10,6 +11,7 @@ from PIL import Image
 
 from facediffuser.errors import UserError
 from facediffuser.evaluation.feature_bank import FeatureBank
+from facediffuser.evaluation.fid_result import FIDResult
 from facediffuser.evaluation.stats import FeatureStats, compare, fid, folder_features, load_stats, save_stats
 
 
@@ -77,8 +79,15 @@ def test_compare_reports_n_kid_and_protocol_warnings():
     a = FeatureStats.from_features(_feats(0, n=60), protocol={"resize": "tf1", "weights_sha256": "s"}, source="A")
     b = FeatureStats.from_features(_feats(1, n=50, shift=0.1), protocol={"resize": "pytorch-fid", "weights_sha256": "s"}, source="B")
     r = compare(a, b, kid_subsets=5, kid_subset_size=20)
-    assert r["a"]["n"] == 60 and r["b"]["n"] == 50 and r["kid"]["subset_size"] == 20 and r["kid"]["mean"] > 0
-    assert any("differ in resize" in w for w in r["warnings"])
+    assert r.n_a == 60 and r.n_b == 50 and r.kid_subset_size == 20 and r.kid_mean > 0 and r.kid_std > 0
+    assert (r.a, r.b, r.protocol_a["resize"], r.protocol_b["resize"]) == ("A", "B", "tf1", "pytorch-fid")
+    assert any("differ in resize" in w for w in r.warnings)
+    assert FIDResult.from_dict(json.loads(json.dumps(r.to_dict()))) == r  # the JSON form round-trips
+    # a subset as large as both sets is the whole set every time: the std is undefined, not 0
+    whole = compare(a, FeatureStats.from_features(_feats(3, n=20)), kid_subsets=5, kid_subset_size=60)
+    assert whole.kid_subset_size == 20 and whole.kid_std is not None
+    same_n = compare(FeatureStats.from_features(_feats(4, n=20)), FeatureStats.from_features(_feats(5, n=20)), kid_subsets=5)
+    assert same_n.kid_subset_size == 20 and same_n.kid_std is None and "± n/a" in same_n.kid_text()
     # N < D: the Gram route is used; it equals the plain stats route
     from facediffuser.evaluation.frechet import frechet_distance
 
@@ -138,7 +147,7 @@ def test_feature_bank_accumulates_persists_dedups_resets(tmp_path):
     assert len(again) == 6 and again.seed == 5 and np.array_equal(again.features, bank.features)
     ref = FeatureStats.from_features(_feats(7, n=30), protocol=proto)
     r1, r2 = bank.compare(ref, kid_subset_size=5), again.compare(ref, kid_subset_size=5)
-    assert r1["fid"] == pytest.approx(r2["fid"]) and r1["kid"] == r2["kid"] and r1["a"]["n"] == 6
+    assert r1.fid == pytest.approx(r2.fid) and (r1.kid_mean, r1.kid_std) == (r2.kid_mean, r2.kid_std) and r1.n_a == 6
     with pytest.raises(UserError, match="holds features made with"):
         again.add(_feats(2, n=2), protocol={"resize": "pytorch-fid", "weights_sha256": "s"})
     with pytest.raises(UserError, match="dimension 16 but the bank holds 32"):

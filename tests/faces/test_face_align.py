@@ -1,4 +1,4 @@
-"""FFHQ alignment, face masks, the latent mask and the face-weighted loss.
+"""FFHQ alignment: the crop square, the resampled crop, and where the landmarks land.
 
 Tolerances against the FFHQ 5-point template (facexlib's FFHQ mean, in pixels of a 512 crop):
 the FFHQ recipe fixes the eye midpoint and the eye-to-mouth axis but not individual points (a
@@ -13,8 +13,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
 from facediffuser.errors import UserError
 from facediffuser.faces import align as fa
@@ -134,86 +132,3 @@ def test_group_photo_faces_all_align(group_photo_image):
         assert np.hypot(*(mouth - tmpl_mouth)) < MOUTH_MID_TOL_PX
         assert abs(Face((0, 0, 1, 1), 1.0, al.landmarks).roll_degrees) < ROLL_TOL_DEG
         assert len(detect_faces(al.image)) == 1
-
-
-# --- masks ---------------------------------------------------------------------------------------------
-
-def test_face_mask_covers_the_face_and_is_feathered():
-    tmpl = fa.ffhq_template(256)
-    m = fa.face_mask(tmpl, (256, 256))
-    assert m.dtype == np.float32 and m.shape == (256, 256)
-    assert 0.0 <= m.min() and m.max() <= 1.0
-    for x, y in tmpl:
-        assert m[int(y), int(x)] > 0.99  # every landmark is inside
-    assert m[5, 5] == 0.0 and m[250, 5] == 0.0 and m[5, 250] == 0.0  # corners are background
-    assert 0.1 < m.mean() < 0.6
-    assert np.count_nonzero((m > 0.05) & (m < 0.95)) > 200  # a soft edge, not a step
-    bigger = fa.face_mask(tmpl, (256, 256), dilate=0.3)
-    assert bigger.sum() > m.sum() * 1.2
-
-
-def test_mask_png_round_trip_and_naming(tmp_path):
-    m = fa.face_mask(fa.ffhq_template(64), (64, 64))
-    img_path = tmp_path / "a.png"
-    p = fa.save_mask(m, fa.mask_path_for(img_path))
-    assert p.name == "a.mask.png"
-    back = fa.load_mask(p)
-    assert np.abs(back - m).max() <= 0.5 / 255 + 1e-6
-    assert fa.load_mask(p, size=(32, 32)).shape == (32, 32)
-    assert fa.is_prep_artifact(p) and fa.is_prep_artifact(tmp_path / ".debug" / "a.png")
-    assert not fa.is_prep_artifact(img_path)
-    with pytest.raises(UserError, match="face mask not found"):
-        fa.load_mask(tmp_path / "missing.mask.png")
-    dbg = fa.mask_debug_image(np.zeros((64, 64, 3), np.uint8), m, fa.ffhq_template(64))
-    assert dbg.size == (64, 64) and np.asarray(dbg)[32, 32, 0] > 100
-
-
-def test_mask_to_latent_is_an_area_average():
-    mask = np.zeros((16, 16), np.float32)
-    mask[:, :8] = 1.0  # left half
-    np.testing.assert_array_equal(fa.mask_to_latent(mask, (2, 2)).numpy(), [[[[1.0, 0.0], [1.0, 0.0]]]])
-    # One 2x2 pixel block of face inside each 4x4 pixel cell's top-left corner: a quarter each.
-    m2 = np.zeros((64, 64), np.uint8)
-    m2[:2, :2] = 255
-    lat = fa.mask_to_latent(m2, (16, 16))
-    assert lat.shape == (1, 1, 16, 16) and lat.dtype == torch.float32
-    assert lat[0, 0, 0, 0].item() == 0.25 and lat.sum().item() == 0.25
-    # SD's factor 8: a 512 mask to a 64 latent, batch kept; the mean face share is preserved.
-    real = torch.from_numpy(fa.face_mask(fa.ffhq_template(512), (512, 512)))
-    batch = torch.stack([real, 1 - real])
-    lat = fa.mask_to_latent(batch, (64, 64))
-    assert lat.shape == (2, 1, 64, 64)
-    assert torch.allclose(lat.mean(dim=(1, 2, 3)), batch.mean(dim=(1, 2)), atol=1e-6)
-    with pytest.raises(UserError, match="mask"):
-        fa.mask_to_latent(np.zeros((2, 3, 8, 8)), (2, 2))
-
-
-# --- the face-weighted loss ---------------------------------------------------------------------------
-
-def test_weight_one_is_exactly_the_plain_mse():
-    g = torch.Generator().manual_seed(0)
-    pred, target = torch.randn(3, 4, 32, 32, generator=g), torch.randn(3, 4, 32, 32, generator=g)
-    lat = fa.mask_to_latent(torch.rand(3, 256, 256, generator=g), (32, 32))
-    wmap = fa.face_weight_map(lat, 1.0)
-    assert torch.equal(wmap, torch.ones_like(wmap))
-    assert torch.equal(fa.weighted_mse(pred, target, wmap), F.mse_loss(pred, target))
-    assert torch.equal(fa.weighted_mse(pred, target, None), F.mse_loss(pred, target))
-    assert torch.equal(fa.weighted_mse(pred, target, wmap, reduction="per_sample"),
-                       F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)))
-    assert torch.equal(fa.face_weight_map(lat, 1.0, normalize=True), wmap)
-
-
-def test_face_weight_scales_the_loss_inside_the_mask():
-    pred = torch.zeros(1, 4, 2, 2)
-    target = torch.ones(1, 4, 2, 2)  # squared error 1 everywhere
-    lat = torch.tensor([[[[1.0, 0.0], [0.5, 0.0]]]])
-    wmap = fa.face_weight_map(lat, 3.0)
-    torch.testing.assert_close(wmap, torch.tensor([[[[3.0, 1.0], [2.0, 1.0]]]]))
-    assert fa.weighted_mse(pred, target, wmap).item() == pytest.approx((3 + 1 + 2 + 1) / 4)
-    norm = fa.face_weight_map(lat, 3.0, normalize=True)
-    assert norm.mean().item() == pytest.approx(1.0)
-    assert fa.weighted_mse(pred, target, norm).item() == pytest.approx(1.0)
-    with pytest.raises(UserError, match="face loss weight"):
-        fa.face_weight_map(lat, -1.0)
-    with pytest.raises(UserError, match="reduction"):
-        fa.weighted_mse(pred, target, wmap, reduction="sum")

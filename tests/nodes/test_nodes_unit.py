@@ -32,7 +32,8 @@ def test_pack_imports_without_comfyui_or_torch() -> None:
 
 @pytest.fixture
 def fake_folder_paths(tmp_path, monkeypatch):
-    """A stand-in ``folder_paths`` module with ComfyUI's layout under tmp_path."""
+    """A minimal ``folder_paths`` with ComfyUI's layout under tmp_path, for node declarations; what
+    the pack's folder registration does in ComfyUI's real module is in test_comfyui_folders.py."""
     fp = types.ModuleType("folder_paths")
     fp.models_dir = str(tmp_path / "models")
     fp.folder_names_and_paths = {
@@ -82,22 +83,6 @@ def test_node_declarations(fake_folder_paths) -> None:
         assert callable(getattr(cls, cls.FUNCTION)), node_id
         assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES) == len(cls.OUTPUT_TOOLTIPS), node_id
         assert cls.CATEGORY.startswith("FaceDiffuser") and cls.DESCRIPTION
-
-
-def test_model_folders_registered_npz_only(fake_folder_paths, tmp_path) -> None:
-    # As extra_model_paths.yaml / add_model_folder_path would have created it: empty set = every file.
-    fake_folder_paths.folder_names_and_paths["fid_stats"] = ([str(tmp_path / "stats")], set())
-    (tmp_path / "stats").mkdir()
-    for f in ("ref.npz", "notes.txt", "x.safetensors"):
-        (tmp_path / "stats" / f).write_bytes(b"x")
-    paths.register_model_folders()
-    paths.register_model_folders()  # idempotent
-    assert fake_folder_paths.folder_names_and_paths["fid_stats"] == ([str(tmp_path / "stats")], {".npz"})
-    assert fake_folder_paths.folder_names_and_paths["inception"] == ([str(tmp_path / "models" / "inception")], {".pth"})
-    assert fake_folder_paths.get_filename_list("fid_stats") == ["ref.npz"]
-    from facediffuser.nodes.fid_nodes import COMPUTE_FROM_FOLDER, FaceDiffuserFIDReference
-
-    assert FaceDiffuserFIDReference.INPUT_TYPES()["required"]["stats_file"][0] == [COMPUTE_FROM_FOLDER, "ref.npz"]
 
 
 # --- path rules -----------------------------------------------------------------------------------
@@ -273,18 +258,18 @@ def test_accumulate_equals_one_evaluation(tmp_path) -> None:
     bank = tmp_path / "banks" / "base.npz"
     res = None
     for i, b in enumerate(batches):
-        res = score_images(b, ref, ext, mode="accumulate", bank_path=bank, reset=i == 0, kid_subset_size=4, kid_subsets=10)
-        assert res["added"] == 3 and res["a"]["n"] == 3 * (i + 1)
+        res, added = score_images(b, ref, ext, mode="accumulate", bank_path=bank, reset=i == 0, kid_subset_size=4, kid_subsets=10)
+        assert added == 3 and res.n_a == 3 * (i + 1) and res.n_b == 12
     whole = torch.cat(batches)
     expected = compare(FeatureStats.from_features(ext(whole), protocol=ext.protocol(9)), ref["stats"], kid_subset_size=4, kid_subsets=10)
-    assert res["fid"] == pytest.approx(expected["fid"], rel=1e-12)
-    assert res["kid"]["mean"] == pytest.approx(expected["kid"]["mean"], rel=1e-12)
-    single = score_images(whole, ref, ext, mode="single", kid_subset_size=4, kid_subsets=10)
-    assert single["fid"] == pytest.approx(expected["fid"], rel=1e-12)
+    assert res.fid == pytest.approx(expected.fid, rel=1e-12)
+    assert res.kid_mean == pytest.approx(expected.kid_mean, rel=1e-12)
+    single, added = score_images(whole, ref, ext, mode="single", kid_subset_size=4, kid_subsets=10)
+    assert single.fid == pytest.approx(expected.fid, rel=1e-12) and added is None
     # the same batch again adds nothing; reset starts over
-    again = score_images(batches[0], ref, ext, mode="accumulate", bank_path=bank)
-    assert again["added"] == 0 and again["a"]["n"] == 9
-    assert score_images(batches[1], ref, ext, mode="accumulate", bank_path=bank, reset=True)["a"]["n"] == 3
+    again, added = score_images(batches[0], ref, ext, mode="accumulate", bank_path=bank)
+    assert added == 0 and again.n_a == 9
+    assert score_images(batches[1], ref, ext, mode="accumulate", bank_path=bank, reset=True)[0].n_a == 3
     with pytest.raises(UserError, match="at least 2"):
         score_images(batches[0][:1], ref, ext, mode="single")
 
@@ -306,12 +291,43 @@ def test_missing_inception_weights_names_file_and_folder(tmp_path, monkeypatch) 
     assert find_weights([tmp_path / "empty", folder]) == folder / "pt_inception-2015-12-05-6726825d.pth"
 
 
-def test_comparison_chart() -> None:
-    from facediffuser.evaluation.comparison_chart import comparison_chart
+def test_compare_node_draws_the_one_chart_from_fid_results() -> None:
+    """FIDCompare takes the FID node's FIDResults and draws report.fid_bar_chart, the table's chart."""
+    from facediffuser.evaluation.fid_result import FIDResult
+    from facediffuser.evaluation.report import fid_bar_chart
+    from facediffuser.nodes.fid_nodes import FaceDiffuserFIDCompare
 
-    img = comparison_chart([{"label": "base", "fid": 120.5, "kid": 0.05, "kid_std": 0.01, "n": 8},
-                            {"label": "lora", "fid": 80.25, "kid": None, "n": 8}], width=640, height=320)
+    base = FIDResult(fid=120.5, n_a=8, n_b=100, kid_mean=0.05, kid_std=0.01, kid_subsets=10, kid_subset_size=8, label="base")
+    lora = FIDResult(fid=80.25, n_a=8, n_b=100, label="lora")  # the reference had no features: no KID
+    img = fid_bar_chart([base, lora], width=640, height=320)
     assert img.shape == (320, 640, 3) and img.dtype == np.uint8
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 10  # something was drawn
+    out = FaceDiffuserFIDCompare().compare(base, lora)
+    chart, text = out["result"]
+    assert tuple(chart.shape) == (1, 400, 800, 3) and np.array_equal((chart[0].numpy() * 255).round().astype(np.uint8), fid_bar_chart([base, lora]))
+    assert text.splitlines() == ["base: FID 120.5000, KID 0.050000 ± 0.010000, N = 8 / 100", "lora: FID 80.2500, KID n/a, N = 8 / 100"]
+    assert "different N" in FaceDiffuserFIDCompare().compare(base, FIDResult(fid=1.0, n_a=16, n_b=100, label="x"))["result"][1]
     with pytest.raises(UserError):
-        comparison_chart([])
+        fid_bar_chart([])
+
+
+def test_kid_defaults_and_resize_modes_have_one_definition(fake_folder_paths) -> None:
+    """The node, the CLI and the table take KID defaults and resize names from evaluation/."""
+    from facediffuser.cli import build_parser
+    from facediffuser.evaluation.inception import DEFAULT_RESIZE, RESIZE_MODES
+    from facediffuser.evaluation.kid import DEFAULT_SEED, DEFAULT_SUBSET_SIZE, DEFAULT_SUBSETS
+    from facediffuser.evaluation.table import TableConfig
+    from facediffuser.nodes.fid_nodes import FaceDiffuserFID, FaceDiffuserFIDReference
+
+    req = FaceDiffuserFID.INPUT_TYPES()["required"]
+    assert (req["kid_subsets"][1]["default"], req["kid_subset_size"][1]["default"]) == (DEFAULT_SUBSETS, DEFAULT_SUBSET_SIZE)
+    resize = FaceDiffuserFIDReference.INPUT_TYPES()["required"]["resize"]
+    assert resize[0] == list(RESIZE_MODES) and resize[1]["default"] == DEFAULT_RESIZE
+    fid = build_parser().parse_args(["eval", "fid", "a", "b"])
+    assert (fid.kid_subsets, fid.kid_subset_size, fid.seed, fid.resize) == (DEFAULT_SUBSETS, DEFAULT_SUBSET_SIZE, DEFAULT_SEED, DEFAULT_RESIZE)
+    table = build_parser().parse_args(["eval", "table", "--model", "m", "--lora", "l", "--real", "r", "--out", "o"])
+    cfg = TableConfig(model="m", lora="l", real="r", out="o")
+    assert (table.kid_subsets, table.kid_subset_size) == (cfg.kid_subsets, cfg.kid_subset_size) == (DEFAULT_SUBSETS, DEFAULT_SUBSET_SIZE)
+    assert cfg.kid_seed == DEFAULT_SEED and table.resize == DEFAULT_RESIZE
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "fid", "a", "b", "--resize", "bicubic"])

@@ -95,6 +95,18 @@ def test_folder_of_only_bad_images_errors(tmp_path):
         check_dataset(_cfg(tmp_path))
 
 
+def test_no_usable_image_names_every_reason_by_count(tmp_path):
+    """Not one example that may be the odd one out: each reason with its count and one file."""
+    for i, size in enumerate([(100, 300), (64, 64), (127, 127)]):
+        _rgb(tmp_path / f"small{i}.png", size=size)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "notes.jpg").write_text("hello")
+    with pytest.raises(UserError) as err:
+        check_dataset(_cfg(tmp_path, resolution=512))
+    assert str(err.value) == (f"none of the 4 image(s) in {tmp_path} is usable: 3 too small for 512 px "
+                              "(short side < 128; e.g. small0.png), 1 not an image (e.g. sub/notes.jpg)")
+
+
 # --- bad inputs: one line each, or converted ------------------------------------------------------
 
 @pytest.fixture

@@ -31,7 +31,8 @@ def _kohya_unet_blocks():
 
 
 def expected_kohya_shapes(rank: int, conv_rank: int | None = None) -> dict[str, tuple[int, ...]]:
-    """Every key of kohya's SD1.5 LoRA with its shape (research/kohya_a1111.md §1.2-1.3)."""
+    """Every key of kohya's SD1.5 LoRA with its shape (sd-scripts ``networks/lora.py``: Linear and 1x1
+    children of every Transformer2DModel and of CLIPAttention/CLIPMLP; down [r, in(, kh, kw)], up [out, r(, 1, 1)])."""
     out: dict[str, tuple[int, ...]] = {}
 
     def mod(name, down, up):
@@ -111,7 +112,8 @@ def synthetic_peft_sd(model, targets, rank, conv3x3=(), conv_rank=None, seed=0):
     return sd
 
 
-# A1111's key -> LDM module conversion (research/kohya_a1111.md §3.2), re-typed from the description:
+# A1111's key -> LDM module conversion (extensions-builtin/Lora/networks.py, convert_diffusers_name_to_compvis,
+# regexes tried in this order with re.match), re-typed from its description:
 # a key that matches none of these is silently dropped by A1111.
 A1111_PATTERNS = [
     r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
@@ -388,11 +390,11 @@ def test_load_rejects_what_is_not_a_lora_with_one_line(tmp_path):
     _one_line_error(tmp_path / "missing.safetensors", "not found")
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + os.urandom(64))
-    _one_line_error(junk, "not a readable safetensors")
+    _one_line_error(junk, "junk.safetensors: not a valid safetensors file")
     truncated = tmp_path / "trunc.safetensors"
     kf.save_kohya_lora(truncated, _big_lora(), {})
     truncated.write_bytes(truncated.read_bytes()[:5000])
-    _one_line_error(truncated, "not a readable safetensors")
+    _one_line_error(truncated, "trunc.safetensors: safetensors file is truncated")
     ckpt = tmp_path / "model.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2)}, ckpt)
     _one_line_error(ckpt, "full model checkpoint")

@@ -361,3 +361,23 @@ def test_init_lora_that_is_not_a_lora_is_a_one_line_error(tiny_ckpt, shapes, tmp
     with pytest.raises(UserError, match="not a LoRA|no LoRA|LoRA"):
         train(tiny_config(tiny_ckpt, shapes, tmp_path / "x.safetensors", init_lora=str(tiny_ckpt)))
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_trains_on_a_folder_of_bmp_faces(tiny_ckpt, tmp_path):
+    """The extension set is the one prep and the evaluation use: .bmp (and .tif) faces train."""
+    from PIL import Image
+
+    from facediffuser.fileio import file_sha256
+    from facediffuser.trainer.kohya_format import IMAGE_DIGEST_HEX, load_kohya_lora, training_image_digests
+
+    src = make_shapes(tmp_path / "png", n=3)
+    data = tmp_path / "bmp"
+    data.mkdir()
+    for i, png in enumerate(sorted(src.glob("*.png"))):
+        with Image.open(png) as im:
+            im.save(data / f"face{i}.{'bmp' if i < 2 else 'tif'}")
+    files = sorted(data.iterdir())
+    result = train(tiny_config(tiny_ckpt, data, tmp_path / "out.safetensors", steps=1, batch_size=3))
+    assert result.status == "finished" and result.output is not None
+    _, meta = load_kohya_lora(result.output)
+    assert training_image_digests(meta) == {file_sha256(f)[:IMAGE_DIGEST_HEX] for f in files}
