@@ -9,6 +9,7 @@
   :class:`UserError` for a missing or empty folder, reads every file once (its sha256 goes into the
   LoRA metadata for the evaluation overlap guard and keys the latent cache), checks that it is a
   usable image, and returns one report line per skipped or converted file.
+* :func:`dataset_fingerprint` is a stat-only fingerprint of the folder (for ComfyUI's ``IS_CHANGED``).
 * :func:`prepare_image` decodes an image with :func:`..image_files.load_rgb` (EXIF orientation
   applied, converted to 8-bit RGB: CMYK, 16-bit, grayscale, palette; transparency composited on
   white), **centre-cropped to the largest square, then resized to ``resolution`` with Lanczos** (the same
@@ -21,6 +22,7 @@ to teach anything but blur; images between that and ``resolution`` are upscaled.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -117,6 +119,31 @@ def scan_images(data_dir: str | os.PathLike, caption_extension: str = ".txt") ->
             mask_path=d / mask if mask else None,
         ))
     return records
+
+
+def dataset_fingerprint(data_dir: str | os.PathLike) -> str:
+    """A cheap fingerprint of everything in a data folder that training reads: the relative path,
+    size, mtime and ctime of every non-hidden file (images, captions of any extension, face masks).
+
+    For ComfyUI's ``IS_CHANGED``, which runs on every queue: a stat per file (about 6 ms for 1000
+    files here) instead of hashing gigabytes. Any write, rename or replacement changes the ctime,
+    even when a tool restores the size and mtime (``cp -p``, ``touch -r``); the node's reuse check
+    then compares the real content digests before it decides to retrain."""
+    root = Path(data_dir)
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            rel = path.relative_to(root).as_posix()
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
 
 
 # --- vetting ----------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ An adapter is data. This module converts it between two shapes, with pure functi
   ``ΔW = multiplier · alpha / r · up @ down`` — the same update peft applied during training.
 
 Files: :func:`save_kohya_lora` writes atomically with string metadata from :func:`build_metadata`
+(the settings' own keys from :func:`settings_metadata`, driven by ``config.setting_specs()``; the
+base checkpoint's ``ss_sd_model_hash``/``ss_new_sd_model_hash`` from :func:`base_model_hashes`)
 and kohya's ``sshs_model_hash`` / ``sshs_legacy_hash``; :func:`load_kohya_lora` reads ours and
 kohya's (missing alpha means alpha = rank; ``lora_te1_`` is accepted on read) and rejects anything
 else with one line. Training-set membership for the evaluator's overlap guard:
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import UserError
-from ..fileio import atomic_write_bytes, file_sha256
+from ..fileio import atomic_write_bytes, atomic_write_json, file_sha256
 from ..sd.safetensors_io import Header, canonicalize, read_header, split_blob
 
 if TYPE_CHECKING:  # torch/safetensors are imported inside functions (docs/internals.md)
@@ -57,6 +59,10 @@ META_TRAIN_IMAGES = "facediffuser_train_images_sha256"
 META_TRAIN_IMAGES_SCHEME = "facediffuser_train_images_hash"
 IMAGE_DIGEST_HEX = 16  # 64 bits of sha256 per image: collisions are negligible at any dataset size
 IMAGE_DIGEST_SCHEME = f"sha256(file bytes)[:{IMAGE_DIGEST_HEX}] hex, sorted JSON list"
+# sha256 of the sorted JSON list of [image sha256, caption, mask sha256 or ""]: what was trained on,
+# captions and face masks included (the ComfyUI node's reuse check compares it).
+META_TRAIN_DATA = "facediffuser_train_data_sha256"
+MODEL_HASH_CACHE = "model_hashes.json"  # in the training cache folder: {path: {size, mtime_ns, ...}}
 
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 
@@ -302,6 +308,52 @@ def image_digest(image: str | os.PathLike[str] | bytes) -> str:
     return file_sha256(image)[:IMAGE_DIGEST_HEX]
 
 
+def train_data_digest(image_sha256: Sequence[str], captions: Sequence[str], mask_sha256: Sequence[str]) -> str:
+    """One digest of the training data as trained: every image's bytes, its caption (file or
+    template, trigger included) and its face mask's bytes. Order does not matter."""
+    if not len(image_sha256) == len(captions) == len(mask_sha256):
+        raise ValueError("one caption and one mask digest per image")
+    rows = sorted([i, c, m or ""] for i, c, m in zip(image_sha256, captions, mask_sha256))
+    return file_sha256(json.dumps(rows, ensure_ascii=False).encode("utf-8"))
+
+
+def base_model_hashes(path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> tuple[str, str] | None:
+    """sd-scripts' ``(ss_sd_model_hash, ss_new_sd_model_hash)`` of a checkpoint file
+    (``train_util.model_hash``: the first 8 hex of the sha256 of the 64 KiB at offset 1 MiB, A1111's
+    old hash; ``calculate_sha256``: the sha256 of the whole file, A1111's new one). None for a
+    diffusers folder (sd-scripts has no hash for one either).
+
+    The whole-file hash of a 2 GB checkpoint takes seconds, so it is kept in ``cache_dir`` keyed
+    by the file's path, size, mtime and ctime (any rewrite changes the ctime)."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    st = p.stat()
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+    cache = Path(cache_dir) / MODEL_HASH_CACHE if cache_dir is not None else None
+    known: dict[str, Any] = {}
+    if cache is not None and cache.is_file():
+        try:
+            known = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            known = {}
+    key = str(p.resolve())
+    hit = known.get(key)
+    if isinstance(hit, dict) and all(hit.get(k) == v for k, v in stamp.items()):
+        return str(hit["legacy"]), str(hit["sha256"])
+    with open(p, "rb") as fh:
+        fh.seek(0x100000)
+        legacy = file_sha256(fh.read(0x10000))[:8]
+    result = (legacy, file_sha256(p))
+    if cache is not None:
+        known[key] = {**stamp, "legacy": result[0], "sha256": result[1]}
+        try:
+            atomic_write_json(cache, known)
+        except OSError:
+            pass  # a cache that cannot be written only costs the next run the hashing time
+    return result
+
+
 def training_image_digests(metadata: Mapping[str, str]) -> frozenset[str] | None:
     """The training set's image digests from a LoRA's metadata, or None if the file does not say
     (not ours, or written without it): the evaluator must then not claim the sets are disjoint."""
@@ -355,6 +407,53 @@ def _opt_str(value: Any) -> str:
     return "None" if value is None or value == 0 else str(value)
 
 
+def _text_encoder_lr_text(config: "TrainConfig") -> str:
+    if not config.train_text_encoder:
+        return "None"
+    return str(config.text_encoder_lr if config.text_encoder_lr is not None else config.lr)
+
+
+def _network_args_text(config: "TrainConfig") -> str | None:
+    if config.conv_rank <= 0:
+        return None  # kohya writes --network_args values as the strings the user typed
+    return json.dumps({"conv_dim": str(config.conv_rank), "conv_alpha": str(config.effective_conv_alpha)})
+
+
+# How a setting's ``ss_key`` value is written where it is not ``str(value)``; None = key left out.
+_SETTING_TEXT: dict[str, Any] = {
+    "ss_sd_model_name": lambda c: Path(c.model).name,
+    "ss_output_name": lambda c: Path(c.output).stem,
+    "ss_network_alpha": lambda c: str(c.effective_alpha),
+    "ss_network_dropout": lambda c: _opt_str(c.lora_dropout),
+    "ss_network_args": _network_args_text,
+    "ss_text_encoder_lr": _text_encoder_lr_text,
+    "ss_optimizer": _optimizer_text,
+    "ss_noise_offset": lambda c: _opt_str(c.noise_offset),
+    "ss_resolution": lambda c: str((int(c.resolution), int(c.resolution))),
+    "ss_cache_latents": lambda c: str(not c.no_cache),
+    "facediffuser_trigger": lambda c: c.trigger or None,
+    "facediffuser_init_lora": lambda c: Path(c.init_lora).name if c.init_lora else None,
+}
+
+
+def settings_metadata(config: "TrainConfig") -> dict[str, str]:
+    """The metadata of the settings themselves: one entry per ``ss_key`` of
+    :func:`.config.setting_specs` (kohya's ``ss_*`` where kohya has a key, ours otherwise). The
+    writer and the ComfyUI node's reuse check both use it, so they cannot disagree."""
+    from .config import setting_specs
+
+    out: dict[str, str] = {}
+    for spec in setting_specs():
+        key = spec.ss_key
+        if key is None or key in out:
+            continue
+        fmt = _SETTING_TEXT.get(key)
+        value = fmt(config) if fmt is not None else str(getattr(config, spec.name))
+        if value is not None:
+            out[key] = value
+    return out
+
+
 def build_metadata(
     config: "TrainConfig",
     *,
@@ -370,7 +469,9 @@ def build_metadata(
     v_prediction: bool = False,
     clip_skip: int | None = None,
     base_model_sha256: str | None = None,
+    base_model_hash: str | None = None,
     image_digests: Sequence[str] | None = None,
+    train_data_digest: str | None = None,
     num_processes: int = 1,
 ) -> dict[str, str]:
     """The file's metadata, every value a string: kohya's ``ss_*`` keys (what A1111 shows and uses
@@ -379,6 +480,9 @@ def build_metadata(
 
     ``image_files``/``captions``: the training images and the caption each was trained with.
     ``image_digests``: their :func:`image_digest`, if already known (else the files are read).
+    ``base_model_hash``/``base_model_sha256``: :func:`base_model_hashes` of the checkpoint.
+    ``train_data_digest``: :func:`train_data_digest` of the data as trained.
+    The settings' own keys come from :func:`settings_metadata`.
     ``sshs_*`` hashes are not here: :func:`save_kohya_lora` computes them from the final tensors."""
     if len(captions) != len(image_files):
         raise ValueError(f"{len(image_files)} image files but {len(captions)} captions")
@@ -389,64 +493,38 @@ def build_metadata(
     output_name = Path(config.output).stem
     data_dir = Path(config.data).name or str(config.data)
     res = int(config.resolution)
-    te_lr = (config.text_encoder_lr if config.text_encoder_lr is not None else config.lr) if config.train_text_encoder else None
     when = finished_at if finished_at is not None else started_at
     meta: dict[str, Any] = {
         # the network
         "ss_network_module": "networks.lora",
-        "ss_network_dim": config.rank,
-        "ss_network_alpha": config.effective_alpha,
-        "ss_network_dropout": _opt_str(config.lora_dropout),
         "ss_base_model_version": base_model_version(v2=v2, v_prediction=v_prediction),
         "ss_v2": v2,
-        "ss_output_name": output_name,
         # the base model
-        "ss_sd_model_name": Path(config.model).name,
         "ss_clip_skip": clip_skip,
         "ss_max_token_length": None,
         # the data
         "ss_num_train_images": n,
         "ss_num_reg_images": 0,
         "ss_num_batches_per_epoch": math.ceil(n / max(1, config.batch_size * num_processes)),
-        "ss_resolution": (res, res),
         "ss_tag_frequency": json.dumps({data_dir: tag_frequency(captions)}, ensure_ascii=False),
         "ss_dataset_dirs": json.dumps({data_dir: {"n_repeats": 1, "img_count": n}}, ensure_ascii=False),
         "ss_reg_dataset_dirs": json.dumps({}),
         "ss_bucket_info": json.dumps({"buckets": {"0": {"resolution": [res, res], "count": n}}, "mean_img_ar_error": 0.0}),
         "ss_enable_bucket": False,
-        "ss_cache_latents": not config.no_cache,
-        "ss_flip_aug": config.flip,
         "ss_color_aug": False,
         "ss_random_crop": False,
-        "ss_shuffle_caption": config.shuffle_tags,
-        "ss_keep_tokens": config.keep_tokens,
-        "ss_caption_dropout_rate": config.caption_dropout,
         "ss_caption_dropout_every_n_epochs": 0,
         "ss_caption_tag_dropout_rate": 0.0,
         # the schedule
-        "ss_learning_rate": config.lr,
         "ss_unet_lr": config.lr,
-        "ss_text_encoder_lr": te_lr,
-        "ss_optimizer": _optimizer_text(config),
-        "ss_lr_scheduler": config.lr_scheduler,
-        "ss_lr_warmup_steps": config.lr_warmup_steps,
-        "ss_max_grad_norm": config.max_grad_norm,
-        "ss_batch_size_per_device": config.batch_size,
         "ss_total_batch_size": config.batch_size * config.grad_accum * num_processes,
-        "ss_gradient_accumulation_steps": config.grad_accum,
-        "ss_gradient_checkpointing": config.gradient_checkpointing,
-        "ss_mixed_precision": config.mixed_precision,
         "ss_full_fp16": False,
         "ss_lowram": False,
-        "ss_seed": config.seed,
         "ss_max_train_steps": max_train_steps,
         "ss_steps": steps_done,
         "ss_epoch": epoch,
         "ss_num_epochs": num_epochs,
         "ss_training_started_at": started_at,
-        # the loss
-        "ss_noise_offset": _opt_str(config.noise_offset),
-        "ss_min_snr_gamma": config.min_snr_gamma,
         # the SAI model spec
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": _architecture(v2, v_prediction),
@@ -458,19 +536,20 @@ def build_metadata(
         # ours
         META_TRAIN_IMAGES: json.dumps(sorted(set(digests))),
         META_TRAIN_IMAGES_SCHEME: IMAGE_DIGEST_SCHEME,
-        "facediffuser_face_loss_weight": config.face_loss_weight,
     }
-    if config.conv_rank > 0:  # kohya writes --network_args values as the strings the user typed
-        meta["ss_network_args"] = json.dumps({"conv_dim": str(config.conv_rank), "conv_alpha": str(config.effective_conv_alpha)})
+    meta.update(settings_metadata(config))  # every setting under its ss_key (the specs say which)
     if finished_at is not None:
         meta["ss_training_finished_at"] = finished_at
     if base_model_sha256:
         meta["ss_new_sd_model_hash"] = base_model_sha256
+    if base_model_hash:
+        meta["ss_sd_model_hash"] = base_model_hash
+    if train_data_digest:
+        meta[META_TRAIN_DATA] = train_data_digest
     if clip_skip is not None:
         meta["modelspec.encoder_layer"] = clip_skip
     if config.trigger:
         meta["modelspec.trigger_phrase"] = config.trigger
-        meta[META_TRIGGER] = config.trigger
     return {k: v if isinstance(v, str) else str(v) for k, v in meta.items()}
 
 

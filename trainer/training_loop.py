@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from ..errors import UserError
-from .config import TrainConfig
+from .config import TrainConfig, setting_specs
 
 if TYPE_CHECKING:
     import torch
@@ -99,6 +99,7 @@ def train(config: TrainConfig, *, callbacks: TrainCallbacks | None = None) -> Tr
     t0 = time.perf_counter()
     callbacks = callbacks or TrainCallbacks()
     config.validate()
+    _check_writable(config)  # before the data check and any model or cache: a bad --output fails in a second
     scan = _check_dataset(config)  # before any model is loaded: bad data fails in a second
     accelerator = _make_accelerator(config)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -244,6 +245,27 @@ def _print_main(accelerator: "Accelerator", message: str) -> None:
 
 # --- stage: checks and set-up -----------------------------------------------------------------
 
+def _check_writable(config: TrainConfig) -> None:
+    """The output folder (created if missing) must take a file, and the state and cache folders
+    must be creatable: found out now, not after the cache build or at the end of the run."""
+    import tempfile
+
+    out = config.output_path
+    if out.is_dir():
+        raise UserError(f"--output {out} is a folder: give a file name ending in .safetensors")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as exc:
+        raise UserError(f"--output {out}: cannot write to {out.parent} ({exc.strerror or type(exc).__name__})") from None
+    for flag, folder in (("--state-dir", config.state_path), ("--cache-dir", config.cache_path)):
+        existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            why = "is not a folder" if not existing.is_dir() else "is not writable"
+            raise UserError(f"{flag} {folder}: cannot create or write it ({existing} {why})")
+
+
 def _check_dataset(config: TrainConfig) -> "DatasetScan":
     from .dataset import check_dataset
 
@@ -311,17 +333,11 @@ def _clear_finished_state(config: TrainConfig) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-# Settings that may change between a run and its resume without changing what was trained so far.
-_RESUMABLE_CHANGES = frozenset({
-    "steps", "epochs", "resume", "save_every", "sample_prompts", "sample_every", "sample_steps",
-    "logging_dir", "output", "state_dir", "cache_dir", "dataloader_workers", "save_precision", "no_cache",
-})
-
-
 def _check_resume_compatible(config: TrainConfig, info: dict[str, Any], world: int) -> None:
+    """Only settings marked ``resumable`` in :mod:`.config` may differ from the checkpoint's."""
     saved = info.get("config", {})
     now = config.to_dict()
-    changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and k in saved and saved[k] != now[k])
+    changed = [s.name for s in setting_specs() if not s.resumable and s.name in saved and saved[s.name] != now[s.name]]
     if changed:
         details = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed[:4])
         raise UserError(f"--resume: settings differ from the checkpoint's ({details}); use the same settings or start a new run")
@@ -770,10 +786,14 @@ def _export_lora(config: TrainConfig, accelerator: "Accelerator", models: Any, e
         described = dataclasses.replace(
             config, rank=dims["network"][0], alpha=dims["network"][1],
             conv_rank=dims["conv"][0] if dims["conv"] else 0, conv_alpha=dims["conv"][1] if dims["conv"] else None)
+        hashes = kohya_format.base_model_hashes(config.model, cache_dir=config.cache_path)
         metadata = kohya_format.build_metadata(
             described,
             image_files=[r.path for r in data.images], captions=data.captions,
             image_digests=[r.sha256[: kohya_format.IMAGE_DIGEST_HEX] for r in data.images],
+            train_data_digest=kohya_format.train_data_digest([r.sha256 for r in data.images], data.captions,
+                                                             [r.mask_sha256 for r in data.images]),
+            base_model_hash=hashes[0] if hashes else None, base_model_sha256=hashes[1] if hashes else None,
             steps_done=run.global_step, max_train_steps=total_steps,
             epoch=math.ceil(run.global_step / per_epoch), num_epochs=math.ceil(total_steps / per_epoch),
             started_at=run.started_at, finished_at=_now(),

@@ -80,14 +80,17 @@ def _canonical(blob: bytes) -> tuple[dict, bytes]:
 
 
 def assert_same_file(a: Path, b: Path) -> None:
-    """Byte-identical. The one tolerated difference, reported as xfail: the JSON key order of the
-    header, which safetensors (Rust HashMap) randomises per process."""
+    """Byte-identical (the header included: the writer serialises it canonically). On a difference,
+    say where: the tensor data, which tensor entries, or which metadata keys."""
     ba, bb = a.read_bytes(), b.read_bytes()
     if ba == bb:
         return
-    assert _canonical(ba) == _canonical(bb), "the files differ in content, not just in header key order"
-    pytest.xfail("same tensors, same metadata, same data bytes; header key order differs: safetensors writes "
-                 "metadata in per-process random order (kohya_format.save_kohya_lora should sort the header)")
+    (ha, da), (hb, db) = _canonical(ba), _canonical(bb)
+    ma, mb = ha.pop("__metadata__", {}), hb.pop("__metadata__", {})
+    meta = sorted(k for k in set(ma) | set(mb) if ma.get(k) != mb.get(k))
+    entries = sorted(k for k in set(ha) | set(hb) if ha.get(k) != hb.get(k))
+    pytest.fail(f"{a} and {b} differ: metadata keys {meta[:6]}, tensor entries {entries[:6]}, "
+                f"data section {'equal' if da == db else 'different'}, header bytes {'equal' if ba[:8] == bb[:8] else 'of different length'}")
 
 
 def test_in_process_cancel_and_resume_matches_with_accumulation_flip_and_dropout(tiny_ckpt, shapes, tmp_path, monkeypatch):
@@ -126,11 +129,50 @@ def test_resume_refuses_changed_settings_and_missing_state(tiny_ckpt, shapes, tm
     changed = tiny_config(tiny_ckpt, shapes, cfg.output_path, steps=4, resume=True, lr=5e-4)
     with pytest.raises(UserError, match=r"settings differ.*lr: 0.001 -> 0.0005"):
         train(changed)
+    # a setting that changes what is trained is refused, even one the old list let through: without
+    # the latent cache the latent sample is drawn from the noise generator every step
+    uncached = tiny_config(tiny_ckpt, shapes, cfg.output_path, steps=4, resume=True, no_cache=True)
+    with pytest.raises(UserError, match=r"settings differ.*no_cache: False -> True"):
+        train(uncached)
+    # knobs that do not change the trajectory may change
+    knobs = tiny_config(tiny_ckpt, shapes, cfg.output_path, steps=4, resume=True, gradient_checkpointing=True,
+                        save_precision="fp32", save_every=1, sample_steps=3)
+    r = train(knobs)
+    assert r.resumed_from == 3 and r.steps == 4
     # a finished run's state is replaced by a fresh run (nothing unfinished is lost)
     again = tiny_config(tiny_ckpt, shapes, cfg.output_path, steps=2)
     r = train(again)
     assert r.resumed_from == 0 and [p.name for p in ck.checkpoint_dirs(again.state_path)] == ["step-00000002"]
     assert ck.read_info(r.checkpoint)["global_step"] == 2 and len(ck.read_info(r.checkpoint)["losses"]) == 2
+
+
+def test_resume_check_follows_the_specs():
+    """Every setting, changed alone: accepted on resume exactly when its spec says ``resumable``."""
+    from facediffuser.trainer.config import TrainConfig, setting_specs
+    from facediffuser.trainer.training_loop import _check_resume_compatible
+
+    def other(spec):
+        v = spec.default
+        if spec.kind == "bool":
+            return not v
+        if spec.kind == "choice":
+            return next(c for c in spec.choices if c != v)
+        if spec.kind in ("int", "float"):
+            return (spec.minimum or 0) + 1 if v is None else v + 1
+        return (v or "") + "x"
+
+    base = TrainConfig(model="m.safetensors", data="d", output="o.safetensors")
+    info = {"config": base.to_dict(), "num_processes": 1}
+    _check_resume_compatible(base, info, 1)
+    for spec in setting_specs():
+        changed = TrainConfig(**{**base.to_dict(), spec.name: other(spec)})
+        if spec.resumable:
+            _check_resume_compatible(changed, info, 1)
+        else:
+            with pytest.raises(UserError, match=rf"settings differ .*{spec.name}: "):
+                _check_resume_compatible(changed, info, 1)
+    resumable = {s.name for s in setting_specs() if s.resumable}
+    assert "no_cache" not in resumable and {"steps", "epochs", "save_every", "output"} <= resumable
 
 
 # --- the checkpoint store ------------------------------------------------------------------------

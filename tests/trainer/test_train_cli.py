@@ -60,6 +60,72 @@ def test_toml_config_and_flag_overrides(tmp_path):
     assert (cfg.rank, cfg.steps, cfg.lr, cfg.flip, cfg.data) == (8, 2, 5e-5, True, "faces")
 
 
+def test_every_boolean_can_be_turned_off_over_toml(tmp_path):
+    from facediffuser.trainer.config import setting_specs
+
+    toml = tmp_path / "run.toml"
+    bools = [s for s in setting_specs() if s.kind == "bool"]
+    toml.write_text('model = "m.safetensors"\ndata = "faces"\noutput = "o.safetensors"\n'
+                    + "".join(f"{s.name} = true\n" for s in bools))
+    on = _parse(["--config", str(toml)])
+    assert all(getattr(on, s.name) is True for s in bools)
+    off = _parse(["--config", str(toml), *(s.negative_flag for s in bools)])
+    assert all(getattr(off, s.name) is False for s in bools)
+    assert _parse(["--config", str(toml), "--no-flip"]).flip is False
+    assert _parse(["--config", str(toml), "--cache"]).no_cache is False  # the negation of --no-cache
+    assert _parse(["--config", str(toml), "--no-flip", "--flip"]).flip is True  # the last one wins
+    text = _help_text()
+    assert all(f"{s.flag}, {s.negative_flag}" in text for s in bools)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('steps = "100"', "steps = '100': expected an integer, e.g. steps = 1000"),
+    ("lr = true", "lr = True: expected a number, e.g. lr = 0.0001"),
+    ("flip = 1", "flip = 1: expected true or false, e.g. flip = true"),
+    ("trigger = 5", "trigger = 5: expected a string"),
+    ("rank = 0", "--rank must be between 1 and 1024 (got 0) (set in this file)"),
+    ("caption_dropout = 1.5", "--caption-dropout must be between 0.0 and 0.99 (got 1.5) (set in this file)"),
+    ('optimizer = "sgd"', "--optimizer must be one of adamw, adamw8bit (got 'sgd') (set in this file)"),
+    ("learning_rate = 1e-4", "unknown setting(s) learning_rate"),
+])
+def test_bad_toml_values_are_one_line_errors_naming_file_and_key(tmp_path, capsys, line, message):
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'model = "m.safetensors"\ndata = "faces"\noutput = "o.safetensors"\n{line}\n')
+    assert cli.main(["train", "--config", str(toml)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{toml}: " in err and message in err, err
+
+
+def test_a_flag_overrides_a_bad_toml_value_and_is_checked_itself(tmp_path, capsys):
+    toml = tmp_path / "run.toml"
+    toml.write_text('model = "m.safetensors"\ndata = "faces"\noutput = "o.safetensors"\nrank = 0\n')
+    assert _parse(["--config", str(toml), "--rank", "8"]).rank == 8
+    assert cli.main(["train", "--config", str(toml), "--rank", "2000"]) == 2
+    err = capsys.readouterr().err
+    assert "--rank must be between 1 and 1024 (got 2000)" in err and str(toml) not in err
+
+
+def test_unwritable_output_fails_before_data_models_or_caches(tmp_path, capsys):
+    # Tests run as root, which writes into read-only folders: a folder that is a file blocks everyone.
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    cache = tmp_path / "cache"
+    rc = cli.main(["train", "--model", str(tmp_path / "missing.safetensors"), "--data", str(tmp_path / "no_data"),
+                   "--output", str(blocker / "sub" / "face.safetensors"), "--cache-dir", str(cache)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"--output {blocker / 'sub' / 'face.safetensors'}: cannot write to {blocker / 'sub'}" in err, err
+    assert not cache.exists()  # the missing model and data were never reached
+    rc = cli.main(["train", "--model", str(tmp_path / "missing.safetensors"), "--data", str(tmp_path / "no_data"),
+                   "--output", str(tmp_path / "ok" / "face.safetensors"), "--state-dir", str(blocker / "state")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--state-dir {blocker / 'state'}: cannot create or write it ({blocker} is not a folder)" in err, err
+    rc = cli.main(["train", "--model", str(tmp_path / "missing.safetensors"), "--data", str(tmp_path / "no_data"),
+                   "--output", str(tmp_path)])
+    assert rc == 2 and "must end in .safetensors" in capsys.readouterr().err
+
+
 def test_cli_trains_from_toml_with_overrides(tiny_ckpt, shapes, tmp_path, capsys):
     out = tmp_path / "out" / "face.safetensors"
     toml = tmp_path / "run.toml"

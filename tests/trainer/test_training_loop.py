@@ -358,7 +358,8 @@ def test_init_lora_continues_from_an_existing_kohya_file(tiny_ckpt, shapes, tmp_
 
 
 def test_init_lora_that_is_not_a_lora_is_a_one_line_error(tiny_ckpt, shapes, tmp_path):
-    with pytest.raises(UserError, match="not a LoRA|no LoRA|LoRA"):
+    with pytest.raises(UserError, match=r"^tiny-sd15\.safetensors is not a kohya LoRA: it has no lora_unet_/lora_te_ keys "
+                                        r"\(it looks like a full model checkpoint\)$"):
         train(tiny_config(tiny_ckpt, shapes, tmp_path / "x.safetensors", init_lora=str(tiny_ckpt)))
     assert not (tmp_path / "x.safetensors").exists()
 
