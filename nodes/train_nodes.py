@@ -1,14 +1,24 @@
-"""Train Face LoRA: the CLI's trainer (``trainer.training_loop.train``) as a ComfyUI node.
+"""Train Face LoRA and its options node: the CLI's trainer (``trainer.training_loop.train``) in ComfyUI.
+
+Every input is generated from :func:`~..trainer.config.setting_specs` (same names as the TOML
+keys, the specs' defaults, ranges and help texts): the ``basic`` settings are widgets of **Train
+Face LoRA**, all others are widgets of **Face LoRA training options**, whose output plugs into
+the train node's optional ``options`` input. The paths ComfyUI owns are the train node's own
+inputs (:data:`NODE_OWNED`). In a widget an unset optional setting is 0 (numbers) or empty (text),
+as :class:`~..trainer.config.TrainConfig` reads them; ``mixed_precision`` adds ``auto`` (the
+node's default): bf16 on a CUDA GPU that supports it, else fp32.
 
 The node builds the same :class:`~..trainer.config.TrainConfig` as ``facediffuser train`` (same
 settings + seed -> the same file), runs it with ComfyUI progress and Cancel, and writes the kohya
 LoRA into the first ``loras`` folder, so Load Face LoRA / LoraLoader list it.
 
-Re-running (ComfyUI caches outputs by inputs): ``IS_CHANGED`` is a hash of the inputs plus the
-state of the output file, so deleting or replacing the file re-runs the node. When it runs and the
-output file already exists *with matching training metadata* (same base model name, steps, rank,
-alpha, lr, resolution, batch size, seed, text-encoder flag, trigger and the same dataset images)
-the node does not train again and returns that file; otherwise it trains and replaces it.
+Re-running (ComfyUI caches outputs by inputs): ``IS_CHANGED`` covers the inputs, the checkpoint
+file's identity, the dataset folder's content (every file's size, mtime and ctime:
+:func:`~..trainer.dataset.dataset_fingerprint`) and the output file, so editing the dataset, swapping
+the checkpoint or deleting the LoRA runs the node again on the next queue. When it runs and the
+output file exists *with matching metadata* — every setting that affects the weights (under the
+specs' ``ss_key``), the base checkpoint's sha256 (``ss_new_sd_model_hash``) and the digest of the
+images, captions and masks — the node returns that file instead of training again.
 
 Cancel: training stops at the next step boundary; a resumable training state is kept under
 ``output/facediffuser_train/state/<name>-<settings hash>``, no LoRA is written, and queueing the same
@@ -29,28 +39,96 @@ from ..errors import UserError
 log = logging.getLogger("facediffuser")
 
 CATEGORY = "FaceDiffuser"
+OPTIONS_TYPE = "FACEDIFFUSER_TRAIN_OPTIONS"
+AUTO = "auto"  # mixed_precision in the node: bf16 where the GPU has it, else "no"
+NONE_CHOICE = "(none)"  # an unset COMBO (init_lora)
 
-# Settings whose change means a different LoRA (the state folder and the skip check key on them).
-_NOT_IDENTITY = frozenset({"output", "state_dir", "cache_dir", "resume", "logging_dir", "dataloader_workers"})
+#: Settings the node sets itself (ComfyUI owns these paths), not widgets: setting -> where it comes from.
+NODE_OWNED: dict[str, str] = {
+    "model": "ckpt_name: a checkpoint in ComfyUI's checkpoints folder",
+    "data": "dataset: a folder under ComfyUI's input folder (or $FACEDIFFUSER_DATASET_ROOTS)",
+    "output": "output_name: a file in ComfyUI's loras folder",
+    "cache_dir": "<ComfyUI output>/facediffuser_train/cache",
+    "state_dir": "<ComfyUI output>/facediffuser_train/state/<name>-<settings hash>",
+    "resume": "automatic: an unfinished state of the same settings is continued",
+}
+
+# With init_lora the file's ranks and alphas are trained and recorded, whatever these say.
+_INIT_LORA_DIMS = ("rank", "alpha", "conv_rank", "conv_alpha")
+
+_WIDGET_MAX = {"int": 2**31 - 1, "float": 1e6}  # a widget needs a bound where the setting has none
+
+
+# --- inputs generated from the specs ------------------------------------------------------------------
+
+def train_node_specs() -> list[Any]:
+    """The settings that are widgets of Train Face LoRA (group ``basic``), in spec order."""
+    from ..trainer.config import setting_specs
+
+    return [s for s in setting_specs() if s.group == "basic" and s.name not in NODE_OWNED]
+
+
+def options_node_specs() -> list[Any]:
+    """The settings that are widgets of Face LoRA training options: every other one (files last)."""
+    from ..trainer.config import setting_specs
+
+    rest = [s for s in setting_specs() if s.group != "basic" and s.name not in NODE_OWNED]
+    return sorted(rest, key=lambda s: s.group == "paths")
+
+
+def spec_widget(spec: Any, *, lora_names: list[str] | None = None) -> tuple:
+    """A ComfyUI V1 input declaration for one setting. The one place that decides how a widget
+    spells an unset optional setting: 0 for numbers, "" for text, ``(none)`` for a file list."""
+    tip = spec.tooltip
+    if spec.name == "mixed_precision":
+        return ([AUTO, *spec.choices], {"default": AUTO, "tooltip": tip + " auto = bf16 on a CUDA GPU that supports it, else no (fp32)."})
+    if spec.name == "init_lora":
+        return ([NONE_CHOICE, *(lora_names or [])], {"default": NONE_CHOICE, "tooltip": tip + " A file in ComfyUI's loras folder."})
+    if spec.kind == "bool":
+        return ("BOOLEAN", {"default": bool(spec.default), "tooltip": tip})
+    if spec.kind == "choice":
+        return (list(spec.choices), {"default": spec.default, "tooltip": tip})
+    if spec.kind in ("int", "float"):
+        opts: dict[str, Any] = {
+            "default": spec.default if spec.default is not None else 0,
+            "min": 0 if spec.optional else spec.minimum,
+            "max": spec.maximum if spec.maximum is not None else _WIDGET_MAX[spec.kind],
+            "step": spec.step,
+            "tooltip": tip + (" 0 = not set." if spec.optional else ""),
+        }
+        cast = int if spec.kind == "int" else float
+        opts = {k: (cast(v) if k in ("default", "min", "max", "step") else v) for k, v in opts.items()}
+        if spec.name == "seed":
+            opts["control_after_generate"] = "fixed"
+        return ("INT" if spec.kind == "int" else "FLOAT", opts)
+    if spec.name == "sample_prompts":
+        tip += " A text file under ComfyUI's input folder."
+    elif spec.name == "logging_dir":
+        tip += " A folder name under ComfyUI's output folder."
+    return ("STRING", {"default": spec.default or "", "tooltip": tip + (" Empty = not set." if spec.optional else "")})
 
 
 # --- pure helpers (tests reach them without ComfyUI) ------------------------------------------------
 
-def build_train_config(*, model: str, data: str, output: str, steps: int, rank: int, alpha: float,
-                       learning_rate: float, resolution: int, batch_size: int, train_text_encoder: bool,
-                       seed: int, caption_template: str, trigger: str, work_dir: str | None = None) -> Any:
-    """The TrainConfig the CLI builds from the same flags (``alpha`` 0 means alpha = rank).
+def build_train_config(*, model: str, data: str, output: str, values: Mapping[str, Any],
+                       work_dir: str | None = None) -> Any:
+    """The TrainConfig the CLI builds from the same settings: ``values`` are the widget values of
+    both nodes by setting name (0 / "" = unset; ``mixed_precision`` may be ``auto``; ``init_lora``
+    may be ``(none)``; paths already resolved).
 
-    ``work_dir`` moves the caches and the resumable state out of the loras folder (they do not
-    change the trained weights)."""
-    from ..trainer.config import TrainConfig
+    ``work_dir`` moves the caches and the resumable state out of the loras folder."""
+    from ..trainer.config import TrainConfig, auto_mixed_precision
 
-    cfg = TrainConfig(
-        model=str(model), data=str(data), output=str(output), steps=int(steps), rank=int(rank),
-        alpha=None if not alpha else float(alpha), lr=float(learning_rate), resolution=int(resolution),
-        batch_size=int(batch_size), train_text_encoder=bool(train_text_encoder), seed=int(seed),
-        caption_template=str(caption_template), trigger=(str(trigger).strip() or None),
-    )
+    settings = dict(values)
+    if settings.get("mixed_precision") == AUTO:
+        settings["mixed_precision"] = auto_mixed_precision()
+    if settings.get("init_lora") == NONE_CHOICE:
+        settings["init_lora"] = None
+    owned = sorted(set(settings) & set(NODE_OWNED))
+    if owned:
+        raise UserError(f"Train Face LoRA: {', '.join(owned)} cannot be set as options (the node sets them)")
+    cfg = TrainConfig.from_dict({**settings, "model": str(model), "data": str(data), "output": str(output)},
+                                source="Train Face LoRA")
     if work_dir is not None:
         cfg.cache_dir = str(Path(work_dir) / "cache")
         cfg.state_dir = str(Path(work_dir) / "state" / f"{Path(output).stem}-{settings_hash(cfg)[:12]}")
@@ -58,49 +136,77 @@ def build_train_config(*, model: str, data: str, output: str, steps: int, rank: 
 
 
 def settings_hash(config: Any) -> str:
-    """Hash of the settings that determine the trained weights (not paths of caches/state)."""
-    d = {k: v for k, v in config.to_dict().items() if k not in _NOT_IDENTITY}
+    """Hash of the settings a resume must keep (not ``resumable``): one state folder per such set,
+    so a cancelled run is continued exactly when the resume check would accept it."""
+    from ..trainer.config import setting_specs
+
+    d = {s.name: getattr(config, s.name) for s in setting_specs() if not s.resumable}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def existing_lora_matches(meta: Mapping[str, str], config: Any, image_digests: set[str] | frozenset[str]) -> tuple[bool, str]:
-    """Whether a LoRA file's metadata says it was trained exactly as ``config`` asks, and if not why."""
-    from ..trainer.kohya_format import training_image_digests
+def identity_keys(config: Any) -> list[str]:
+    """The metadata keys that identify a trained LoRA: the ``ss_key`` of every setting that
+    affects the weights (those of rank/alpha/conv are the init file's with ``init_lora``)."""
+    from ..trainer.config import setting_specs
+
+    specs = setting_specs()
+    skip = {s.ss_key for s in specs if s.name in _INIT_LORA_DIMS} if config.init_lora else set()
+    keys: list[str] = []
+    for s in specs:
+        if s.affects_weights and s.ss_key and s.ss_key not in skip and s.ss_key not in keys:
+            keys.append(s.ss_key)
+    return keys
+
+
+def existing_lora_matches(meta: Mapping[str, str], config: Any, *, train_data_digest: str,
+                          base_model_sha256: str | None) -> tuple[bool, str]:
+    """Whether a LoRA file's metadata says it was trained exactly as ``config`` asks, from this
+    base checkpoint (its sha256; None for a diffusers folder) and this data, and if not why."""
+    from ..trainer.kohya_format import META_TRAIN_DATA, settings_metadata
 
     if not meta:
         return False, "the existing file has no training metadata"
-    te_lr = meta.get("ss_text_encoder_lr")
-    want = {
-        "ss_sd_model_name": Path(config.model).name,
-        "ss_steps": str(config.steps),
-        "ss_network_dim": str(config.rank),
-        "ss_network_alpha": str(config.effective_alpha),
-        "ss_learning_rate": str(config.lr),
-        "ss_seed": str(config.seed),
-        "ss_batch_size_per_device": str(config.batch_size),
-        "modelspec.resolution": f"{config.resolution}x{config.resolution}",
-        "modelspec.trigger_phrase": config.trigger or None,
-    }
-    for key, value in want.items():
-        have = meta.get(key)
-        if have != value:
-            return False, f"{key} is {have!r}, wanted {value!r}"
-    if bool(config.train_text_encoder) != (te_lr not in (None, "", "None")):
-        return False, "text-encoder training differs"
+    want = settings_metadata(config)
+    for key in identity_keys(config):
+        if meta.get(key) != want.get(key):
+            return False, f"{key} is {meta.get(key)!r}, wanted {want.get(key)!r}"
+    if base_model_sha256 is not None and meta.get("ss_new_sd_model_hash") != base_model_sha256:
+        return False, "the base checkpoint differs (ss_new_sd_model_hash)"
+    if meta.get(META_TRAIN_DATA) != train_data_digest:
+        return False, "the dataset differs (images, captions or face masks)"
+    return True, "same settings, base checkpoint and data"
+
+
+def dataset_digest(config: Any) -> str:
+    """:func:`~..trainer.kohya_format.train_data_digest` of the data ``config`` would train on."""
+    from ..trainer.dataset import check_dataset
+    from ..trainer.kohya_format import train_data_digest
+
+    scan = check_dataset(config)
+    return train_data_digest([r.sha256 for r in scan.images], scan.captions, [r.mask_sha256 for r in scan.images])
+
+
+def file_identity(path: str | Path | None) -> str:
+    """Path, size, mtime and ctime of a file: changes when it is replaced or rewritten."""
     try:
-        have_images = training_image_digests(meta)
-    except UserError as exc:
-        return False, str(exc)
-    if have_images is None or set(have_images) != set(image_digests):
-        return False, "the dataset images differ"
-    return True, "same settings and images"
+        p = Path(path).resolve()  # type: ignore[arg-type]
+        st = p.stat()
+    except (OSError, TypeError):
+        return "missing"
+    return f"{p}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
-def dataset_digests(data_dir: str | Path, caption_extension: str = ".txt") -> set[str]:
-    from ..trainer.dataset import scan_images
-    from ..trainer.kohya_format import image_digest
+def training_fingerprint(inputs: Mapping[str, Any], *, checkpoint: Path | None, dataset: Path | None,
+                         output: Path | None) -> str:
+    """What ``IS_CHANGED`` returns: the inputs plus the identity of the checkpoint, the dataset's
+    content fingerprint and the output file's state."""
+    from ..trainer.dataset import dataset_fingerprint
 
-    return {image_digest(r.path) for r in scan_images(data_dir, caption_extension)}
+    h = hashlib.sha256(json.dumps(dict(inputs), sort_keys=True, default=str).encode())
+    h.update(file_identity(checkpoint).encode())
+    h.update((dataset_fingerprint(dataset) if dataset is not None and dataset.is_dir() else "missing").encode())
+    h.update(file_identity(output).encode())
+    return h.hexdigest()
 
 
 def resume_needed(state_dir: str | Path) -> bool:
@@ -124,16 +230,48 @@ def png_to_image_tensor(path: str | Path | None) -> Any:
     return torch.from_numpy(arr)[None]
 
 
-# --- the node -------------------------------------------------------------------------------------
+# --- ComfyUI side ------------------------------------------------------------------------------------
+
+def _resolve_paths(values: dict[str, Any]) -> dict[str, Any]:
+    """The options node's file settings as real paths, under the folders ComfyUI owns."""
+    from .paths import comfy_full_path, comfy_input_dir, comfy_output_dir, env_roots, resolve_user_folder, safe_join
+
+    out = dict(values)
+    if out.get("init_lora") not in (None, "", NONE_CHOICE):
+        out["init_lora"] = str(comfy_full_path("loras", out["init_lora"], what="init_lora"))
+    prompts = str(out.get("sample_prompts") or "").strip()
+    if prompts:
+        rel = Path(prompts)
+        folder = resolve_user_folder(str(rel.parent), input_dir=comfy_input_dir(), extra_roots=env_roots(),
+                                     what="sample_prompts folder")
+        f = (folder / rel.name).resolve()
+        if f.parent != folder or not f.is_file():
+            raise UserError(f"sample_prompts {prompts!r}: no such text file in {folder}")
+        out["sample_prompts"] = str(f)
+    logs = str(out.get("logging_dir") or "").strip()
+    if logs:
+        out["logging_dir"] = str(safe_join(comfy_output_dir(), logs, what="logging_dir"))
+    return out
+
+
+def _options_input(options: Any) -> dict[str, Any]:
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise UserError("Train Face LoRA: the options input must come from a Face LoRA training options node")
+    return dict(options)
+
 
 class FaceDiffuserTrainLora:
     DESCRIPTION = (
         "Train a face LoRA (kohya format) on a folder of images and save it into ComfyUI's loras folder. "
         "Same settings and seed as `facediffuser train` give the same file. The dataset is a folder under "
         "ComfyUI's input folder (or an absolute path under a root listed in $FACEDIFFUSER_DATASET_ROOTS). "
+        "Every other setting is on the 'Face LoRA training options' node (connect it to options). "
         "Shows progress; Cancel stops within a step, writes no LoRA and keeps a resumable state (queue the "
-        "same settings again to continue). If the output file already exists with matching training metadata "
-        "(settings and dataset images) it is reused instead of retraining; otherwise it is replaced. "
+        "same settings again to continue). Editing the dataset or swapping the checkpoint retrains on the next "
+        "queue. If the output file already exists with matching training metadata (settings, base checkpoint "
+        "hash, images, captions, masks) it is reused instead of retraining; otherwise it is replaced. "
         "Frees ComfyUI's loaded models before training."
     )
     CATEGORY = CATEGORY
@@ -148,45 +286,42 @@ class FaceDiffuserTrainLora:
     def INPUT_TYPES(cls):
         from .paths import comfy_filename_list
 
+        required: dict[str, Any] = {
+            "ckpt_name": (comfy_filename_list("checkpoints"), {"tooltip": "Base checkpoint (SD 1.x/2.x single file) to train on."}),
+            "dataset": ("STRING", {"default": "faces", "tooltip": "Folder of face images (+ optional same-name .txt captions), relative to ComfyUI's input folder, or an absolute path under $FACEDIFFUSER_DATASET_ROOTS."}),
+            "output_name": ("STRING", {"default": "face_lora", "tooltip": "File name of the LoRA in the loras folder (.safetensors is added)."}),
+        }
+        required.update({s.name: spec_widget(s) for s in train_node_specs()})
         return {
-            "required": {
-                "ckpt_name": (comfy_filename_list("checkpoints"), {"tooltip": "Base checkpoint (SD 1.x/2.x single file) to train on."}),
-                "dataset": ("STRING", {"default": "faces", "tooltip": "Folder of face images (+ optional same-name .txt captions), relative to ComfyUI's input folder, or an absolute path under $FACEDIFFUSER_DATASET_ROOTS."}),
-                "output_name": ("STRING", {"default": "face_lora", "tooltip": "File name of the LoRA in the loras folder (.safetensors is added)."}),
-                "steps": ("INT", {"default": 1000, "min": 1, "max": 100000, "tooltip": "Number of optimizer steps."}),
-                "rank": ("INT", {"default": 16, "min": 1, "max": 256, "tooltip": "LoRA rank (network dim)."}),
-                "alpha": ("FLOAT", {"default": 16.0, "min": 0.0, "max": 1024.0, "step": 0.5, "tooltip": "LoRA alpha; the update is scaled by alpha/rank. 0 = same as rank."}),
-                "learning_rate": ("FLOAT", {"default": 0.0001, "min": 0.0000001, "max": 1.0, "step": 0.00001, "round": 0.0000001, "tooltip": "Learning rate of the adapters."}),
-                "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 8, "tooltip": "Training resolution (square, multiple of 8)."}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per step."}),
-                "train_text_encoder": ("BOOLEAN", {"default": False, "tooltip": "Also train the CLIP text encoder (load the LoRA with model + clip)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": "fixed", "tooltip": "Seed of everything random: same seed and settings, same file."}),
-                "caption_template": ("STRING", {"default": "a photo of a face", "tooltip": "Caption for images without a .txt file."}),
-                "trigger": ("STRING", {"default": "", "tooltip": "Trigger word prepended to every caption (recorded in the file)."}),
-            },
+            "required": required,
+            "optional": {"options": (OPTIONS_TYPE, {"tooltip": "Every other training setting: connect a Face LoRA training options node (defaults without one)."})},
         }
 
     @classmethod
     def IS_CHANGED(cls, **inputs):
-        from .paths import comfy_folder_path, lora_file_name
+        from .paths import comfy_folder_path, comfy_full_path, comfy_user_folder, lora_file_name
 
-        h = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode())
-        try:
-            out = comfy_folder_path("loras") / lora_file_name(inputs.get("output_name", ""))
-            st = out.stat()
-            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-        except (OSError, UserError):
-            h.update(b"missing")
-        return h.hexdigest()
+        def attempt(fn: Any) -> Any:
+            try:
+                return fn()
+            except (OSError, UserError, TypeError, ValueError):
+                return None
 
-    def train(self, ckpt_name, dataset, output_name, steps, rank, alpha, learning_rate, resolution, batch_size,
-              train_text_encoder, seed, caption_template, trigger):
+        return training_fingerprint(
+            inputs,
+            checkpoint=attempt(lambda: comfy_full_path("checkpoints", inputs.get("ckpt_name", ""), what="checkpoint")),
+            dataset=attempt(lambda: comfy_user_folder(inputs.get("dataset", ""), what="dataset folder")),
+            output=attempt(lambda: comfy_folder_path("loras") / lora_file_name(inputs.get("output_name", ""))),
+        )
+
+    def train(self, ckpt_name, dataset, output_name, options=None, **settings):
         import gc
 
         import comfy.model_management as mm
         import comfy.utils
         import torch
 
+        from ..trainer.kohya_format import base_model_hashes
         from ..trainer.training_loop import TrainCallbacks, train
         from ..sd.safetensors_io import read_metadata
         from .paths import (TRAIN_STATE_SUBDIR, comfy_folder_path, comfy_full_path, comfy_output_dir,
@@ -196,17 +331,17 @@ class FaceDiffuserTrainLora:
         data = comfy_user_folder(dataset, what="dataset folder")
         name = lora_file_name(output_name)
         out = comfy_folder_path("loras") / name
-        config = build_train_config(
-            model=str(ckpt), data=str(data), output=str(out), steps=steps, rank=rank, alpha=alpha,
-            learning_rate=learning_rate, resolution=resolution, batch_size=batch_size,
-            train_text_encoder=train_text_encoder, seed=seed, caption_template=caption_template, trigger=trigger,
-            work_dir=str(comfy_output_dir() / TRAIN_STATE_SUBDIR))
+        values = _resolve_paths({**settings, **_options_input(options)})
+        config = build_train_config(model=str(ckpt), data=str(data), output=str(out), values=values,
+                                    work_dir=str(comfy_output_dir() / TRAIN_STATE_SUBDIR))
         plot = out.with_name(out.stem + ".loss.png")
 
         if out.is_file():
-            ok, why = existing_lora_matches(read_metadata(out), config, dataset_digests(data, config.caption_extension))
+            hashes = base_model_hashes(ckpt, cache_dir=config.cache_path)
+            ok, why = existing_lora_matches(read_metadata(out), config, train_data_digest=dataset_digest(config),
+                                            base_model_sha256=hashes[1] if hashes else None)
             if ok:
-                text = f"{name}: already trained with these settings and images; reused (delete it to retrain)"
+                text = f"{name}: already trained with these settings, checkpoint and data; reused (delete it to retrain)"
                 log.info("FaceDiffuser Train Face LoRA: %s", text)
                 return {"ui": {"text": [text]}, "result": (name, png_to_image_tensor(plot))}
             log.info("FaceDiffuser Train Face LoRA: %s exists but %s: retraining", name, why)
@@ -225,8 +360,8 @@ class FaceDiffuserTrainLora:
                 pbar.update_absolute(step, total)
 
         callbacks = TrainCallbacks(on_step=on_step, should_stop=mm.processing_interrupted)
-        log.info("FaceDiffuser Train Face LoRA: training %s (%d steps%s)", name, config.steps,
-                 ", resuming" if config.resume else "")
+        log.info("FaceDiffuser Train Face LoRA: training %s (%d steps, mixed precision %s%s)", name, config.steps,
+                 config.mixed_precision, ", resuming" if config.resume else "")
         with torch.inference_mode(False), torch.enable_grad():
             result = train(config, callbacks=callbacks)
         gc.collect()
@@ -239,5 +374,30 @@ class FaceDiffuserTrainLora:
         return {"ui": {"text": [text]}, "result": (name, png_to_image_tensor(result.loss_plot or plot))}
 
 
-NODE_CLASS_MAPPINGS = {"FaceDiffuserTrainLora": FaceDiffuserTrainLora}
-NODE_DISPLAY_NAME_MAPPINGS = {"FaceDiffuserTrainLora": "Train Face LoRA (FaceDiffuser)"}
+class FaceDiffuserTrainOptions:
+    DESCRIPTION = (
+        "Every training setting that is not on Train Face LoRA (min-SNR, EMA, text-encoder learning rate, flip, "
+        "face-loss weight, schedulers, LoCon conv rank, gradient checkpointing, mixed precision, ...), with the "
+        "CLI's names, defaults and ranges. Connect its output to Train Face LoRA's options input. "
+        "0 or an empty text means 'not set' for optional settings."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "options"
+    RETURN_TYPES = (OPTIONS_TYPE,)
+    RETURN_NAMES = ("options",)
+    OUTPUT_TOOLTIPS = ("The settings, for Train Face LoRA's options input.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from .paths import comfy_filename_list
+
+        loras = comfy_filename_list("loras")
+        return {"required": {s.name: spec_widget(s, lora_names=loras) for s in options_node_specs()}}
+
+    def options(self, **values):
+        return (dict(values),)
+
+
+NODE_CLASS_MAPPINGS = {"FaceDiffuserTrainLora": FaceDiffuserTrainLora, "FaceDiffuserTrainOptions": FaceDiffuserTrainOptions}
+NODE_DISPLAY_NAME_MAPPINGS = {"FaceDiffuserTrainLora": "Train Face LoRA (FaceDiffuser)",
+                              "FaceDiffuserTrainOptions": "Face LoRA training options (FaceDiffuser)"}

@@ -2,7 +2,8 @@
 
 One server for the module. What the tests change in the API twins before submitting (everything
 else is the shipped file as is): ``ckpt_name`` -> the random SD1.5, sizes 64x64, sampler ``steps`` 1,
-batch 2 in the FID workflow, and the training run: 2 steps, rank 4, resolution 64, text encoder on.
+batch 2 in the FID workflow, and the training run: 2 steps, rank 4, resolution 64, text encoder on
+(the options node keeps its defaults: mixed precision ``auto`` is fp32 on this CPU).
 
 Order matters only for cost: ``trained`` (a module fixture) runs ``train_face_lora`` once and its
 LoRA is reused by the txt2img and FID workflows.
@@ -10,6 +11,7 @@ LoRA is reused by the txt2img and FID workflows.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -188,18 +190,40 @@ def test_train_face_lora_workflow(env: Env, trained: dict) -> None:
     assert "step 2/2" in trained["log"]
     _clean_log(trained["log"])
 
+    # the base checkpoint's hashes as sd-scripts writes them (A1111's new and old model hash)
+    ckpt = env.server.models_dir / "checkpoints" / env.ckpt
+    h = hashlib.sha256()
+    with open(ckpt, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+        fh.seek(0x100000)
+        legacy = hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
+    assert (meta["ss_new_sd_model_hash"], meta["ss_sd_model_hash"]) == (h.hexdigest(), legacy)
+
     # queue the same prompt again: the file exists with matching metadata, so it is reused, not retrained
     mtime = lora.stat().st_mtime_ns
     again = srv.run(_train_prompt(env), timeout=300)
     assert "reused" in again["outputs"]["2"]["text"][0]
     assert lora.stat().st_mtime_ns == mtime
 
+    # edit one caption, no restart: IS_CHANGED sees the dataset change, the reuse check sees a new
+    # caption, and the next queue trains again
+    caption = env.server.input_dir / "faces" / "img_01.txt"
+    caption.write_text(caption.read_text() + ", smiling")
+    mark = srv.log_mark()
+    edited = srv.run(_train_prompt(env), timeout=900)
+    assert "wrote" in edited["outputs"]["2"]["text"][0] and "reused" not in edited["outputs"]["2"]["text"][0]
+    assert "the dataset differs" in srv.log_since(mark)
+    assert lora.stat().st_mtime_ns != mtime
+    assert load_kohya_lora(lora)[1]["facediffuser_train_data_sha256"] != meta["facediffuser_train_data_sha256"]
+
 
 def test_cancel_training(env: Env, trained: dict) -> None:
     srv = env.server
     before = _loras_listing(srv)
     mark = srv.log_mark()
-    prompt = {"2": _train_prompt(env, steps=40, output_name="cancelled_lora", seed=11)["2"]}
+    full = _train_prompt(env, steps=40, output_name="cancelled_lora", seed=11)
+    prompt = {k: full[k] for k in ("2", "11")}  # the trainer and its options node
     pid = srv.submit(prompt)
     deadline = time.monotonic() + 300
     while "Train Face LoRA: step 1/40" not in srv.log_since(mark):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def test_pack_imports_without_comfyui_or_torch() -> None:
         "print(len(facediffuser.NODE_CLASS_MAPPINGS), heavy)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "5 []", out
+    assert out == "6 []", out
 
 
 @pytest.fixture
@@ -66,8 +67,8 @@ def fake_folder_paths(tmp_path, monkeypatch):
 def test_node_declarations(fake_folder_paths) -> None:
     from facediffuser import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-    assert set(NODE_CLASS_MAPPINGS) == {"FaceDiffuserLoraLoader", "FaceDiffuserTrainLora", "FaceDiffuserFIDReference",
-                                        "FaceDiffuserFID", "FaceDiffuserFIDCompare"}
+    assert set(NODE_CLASS_MAPPINGS) == {"FaceDiffuserLoraLoader", "FaceDiffuserTrainLora", "FaceDiffuserTrainOptions",
+                                        "FaceDiffuserFIDReference", "FaceDiffuserFID", "FaceDiffuserFIDCompare"}
     assert set(NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_CLASS_MAPPINGS)
     for node_id, cls in NODE_CLASS_MAPPINGS.items():
         assert node_id.startswith("FaceDiffuser")
@@ -167,16 +168,57 @@ def test_family_warning() -> None:
         assert part in text
 
 
-# --- training config --------------------------------------------------------------------------------
+# --- training config ----------------------------------------------------------------------------------
 
-def _node_config(tmp_path, **over):
+NODE_VALUES = dict(steps=7, rank=4, alpha=2.0, lr=3e-4, resolution=64, batch_size=2, train_text_encoder=True,
+                   seed=5, caption_template="a photo of sks", trigger="sks")
+
+
+def _node_config(tmp_path, work_dir=None, **over):
     from facediffuser.nodes.train_nodes import build_train_config
 
-    kw = dict(model=str(tmp_path / "m.safetensors"), data=str(tmp_path / "faces"), output=str(tmp_path / "loras" / "f.safetensors"),
-              steps=7, rank=4, alpha=2.0, learning_rate=3e-4, resolution=64, batch_size=2, train_text_encoder=True,
-              seed=5, caption_template="a photo of sks", trigger="sks")
-    kw.update(over)
-    return build_train_config(**kw)
+    return build_train_config(model=str(tmp_path / "m.safetensors"), data=str(tmp_path / "faces"),
+                              output=str(tmp_path / "loras" / "f.safetensors"), values={**NODE_VALUES, **over},
+                              work_dir=work_dir)
+
+
+def test_every_setting_is_one_node_input_generated_from_its_spec(fake_folder_paths) -> None:
+    from facediffuser.nodes.train_nodes import (AUTO, NODE_OWNED, NONE_CHOICE, OPTIONS_TYPE, FaceDiffuserTrainLora,
+                                                FaceDiffuserTrainOptions)
+    from facediffuser.trainer.config import TrainConfig, setting_specs
+
+    train = FaceDiffuserTrainLora.INPUT_TYPES()
+    options = FaceDiffuserTrainOptions.INPUT_TYPES()["required"]
+    own = {"ckpt_name", "dataset", "output_name"}
+    train_settings = [k for k in train["required"] if k not in own]
+    assert train["optional"]["options"][0] == OPTIONS_TYPE == FaceDiffuserTrainOptions.RETURN_TYPES[0]
+    names = [s.name for s in setting_specs()]
+    assert sorted(train_settings + list(options) + list(NODE_OWNED)) == sorted(names)  # each exactly once
+    assert names == [f.name for f in __import__("dataclasses").fields(TrainConfig)]
+    for spec in setting_specs():
+        if spec.name in NODE_OWNED:
+            continue
+        decl = (train["required"] if spec.name in train_settings else options)[spec.name]
+        typ, opts = decl
+        assert spec.tooltip in opts["tooltip"], spec.name
+        if spec.name == "mixed_precision":
+            assert typ == [AUTO, "no", "fp16", "bf16"] and opts["default"] == AUTO
+        elif spec.name == "init_lora":
+            assert typ[0] == NONE_CHOICE and opts["default"] == NONE_CHOICE
+        elif spec.kind == "choice":
+            assert typ == list(spec.choices) and opts["default"] == spec.default
+        elif spec.kind == "bool":
+            assert typ == "BOOLEAN" and opts["default"] is spec.default
+        elif spec.kind in ("int", "float"):
+            assert typ == spec.kind.upper(), spec.name
+            assert opts["default"] == (0 if spec.default is None else spec.default), spec.name
+            assert opts["min"] == (0 if spec.optional else spec.minimum), spec.name
+            assert opts["max"] == (spec.maximum if spec.maximum is not None else 1e6), spec.name  # lr: unbounded
+            assert opts["step"] == spec.step
+            assert ("0 = not set" in opts["tooltip"]) == spec.optional, spec.name
+        else:
+            assert typ == "STRING" and opts["default"] == (spec.default or ""), spec.name
+    assert [s.name for s in setting_specs() if s.group == "basic"] == train_settings  # the common ones are widgets
 
 
 def test_node_builds_the_cli_config(tmp_path) -> None:
@@ -186,26 +228,41 @@ def test_node_builds_the_cli_config(tmp_path) -> None:
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args([
-        "--model", str(tmp_path / "m.safetensors"), "--data", str(tmp_path / "faces"),
-        "--output", str(tmp_path / "loras" / "f.safetensors"), "--steps", "7", "--rank", "4", "--alpha", "2",
-        "--lr", "3e-4", "--resolution", "64", "--batch-size", "2", "--train-text-encoder", "--seed", "5",
-        "--caption-template", "a photo of sks", "--trigger", "sks"])
-    assert _node_config(tmp_path) == config_from_args(args)
+    common = ["--model", str(tmp_path / "m.safetensors"), "--data", str(tmp_path / "faces"),
+              "--output", str(tmp_path / "loras" / "f.safetensors"), "--steps", "7", "--rank", "4", "--alpha", "2",
+              "--lr", "3e-4", "--resolution", "64", "--batch-size", "2", "--train-text-encoder", "--seed", "5",
+              "--caption-template", "a photo of sks", "--trigger", "sks"]
+    assert _node_config(tmp_path) == config_from_args(parser.parse_args(common))
+    # options-node values, as its widgets send them (0 / "" = unset, auto precision on this CPU = no)
+    opts = dict(min_snr_gamma=5.0, ema=0.999, text_encoder_lr=5e-5, flip=True, face_loss_weight=2.0, lr_scheduler="cosine",
+                conv_rank=4, conv_alpha=0.0, gradient_checkpointing=True, mixed_precision="auto", epochs=0,
+                init_lora="(none)", sample_prompts="", logging_dir="")
+    cli = config_from_args(parser.parse_args(common + [
+        "--min-snr-gamma", "5", "--ema", "0.999", "--text-encoder-lr", "5e-5", "--flip", "--face-loss-weight", "2",
+        "--lr-scheduler", "cosine", "--conv-rank", "4", "--gradient-checkpointing", "--mixed-precision", "no"]))
+    node = _node_config(tmp_path, **opts)
+    assert node == cli and node.conv_alpha is None and node.epochs is None and node.init_lora is None
     assert _node_config(tmp_path, alpha=0.0).alpha is None  # 0 = alpha equals rank, the CLI default
     assert _node_config(tmp_path, trigger="  ").trigger is None
-    # work_dir moves caches/state out of the loras folder, keyed by the settings
+    # work_dir moves caches/state out of the loras folder, keyed by the settings a resume must keep
     a = _node_config(tmp_path, work_dir=str(tmp_path / "work"))
     b = _node_config(tmp_path, work_dir=str(tmp_path / "work"), seed=6)
+    c = _node_config(tmp_path, work_dir=str(tmp_path / "work"), steps=70)  # steps may change on resume
     assert Path(a.cache_dir) == tmp_path / "work" / "cache"
     assert Path(a.state_dir).parent == tmp_path / "work" / "state" and a.state_dir != b.state_dir
-    with pytest.raises(UserError):
+    assert a.state_dir == c.state_dir
+    with pytest.raises(UserError, match=r"--resolution must be a multiple of 8 \(got 100\)"):
+        _node_config(tmp_path, resolution=100)
+    with pytest.raises(UserError, match=r"--resolution must be between 64 and 4096 \(got 60\)"):
         _node_config(tmp_path, resolution=60)
+    with pytest.raises(UserError, match=r"Train Face LoRA: unknown setting\(s\) learning_rate"):
+        _node_config(tmp_path, learning_rate=1e-4)
+    with pytest.raises(UserError, match="Train Face LoRA: output cannot be set as options"):
+        _node_config(tmp_path, output="x.safetensors")
 
 
-def test_existing_lora_reuse_check(tmp_path) -> None:
-    from facediffuser.nodes.train_nodes import existing_lora_matches
-    from facediffuser.trainer.kohya_format import build_metadata
+def _reuse_setup(tmp_path):
+    from facediffuser.trainer.kohya_format import build_metadata, train_data_digest
 
     cfg = _node_config(tmp_path)
     imgs = []
@@ -213,17 +270,141 @@ def test_existing_lora_reuse_check(tmp_path) -> None:
         p = tmp_path / f"{i}.png"
         p.write_bytes(bytes([i]) * 10)
         imgs.append(p)
+    digest = train_data_digest(["a" * 64, "b" * 64], ["sks, one", "sks, two"], ["", ""])
     meta = build_metadata(cfg, image_files=imgs, captions=["a", "b"], steps_done=cfg.steps, max_train_steps=cfg.steps,
-                          epoch=1, num_epochs=1, started_at=0.0)
-    from facediffuser.trainer.kohya_format import image_digest
+                          epoch=1, num_epochs=1, started_at=0.0, base_model_sha256="c" * 64, train_data_digest=digest)
+    return cfg, meta, digest
 
-    digests = {image_digest(p) for p in imgs}
-    assert existing_lora_matches(meta, cfg, digests) == (True, "same settings and images")
-    assert not existing_lora_matches(meta, _node_config(tmp_path, seed=6), digests)[0]
-    assert not existing_lora_matches(meta, _node_config(tmp_path, steps=8), digests)[0]
-    assert not existing_lora_matches(meta, _node_config(tmp_path, train_text_encoder=False), digests)[0]
-    assert existing_lora_matches(meta, cfg, digests - {next(iter(digests))}) == (False, "the dataset images differ")
-    assert not existing_lora_matches({}, cfg, digests)[0]
+
+def test_existing_lora_reuse_check(tmp_path) -> None:
+    from facediffuser.nodes.train_nodes import existing_lora_matches
+    from facediffuser.trainer.kohya_format import train_data_digest
+
+    cfg, meta, digest = _reuse_setup(tmp_path)
+    same = dict(train_data_digest=digest, base_model_sha256="c" * 64)
+    assert existing_lora_matches(meta, cfg, **same) == (True, "same settings, base checkpoint and data")
+    assert existing_lora_matches(meta, _node_config(tmp_path, seed=6), **same) == (False, "ss_seed is '5', wanted '6'")
+    assert not existing_lora_matches(meta, _node_config(tmp_path, steps=8), **same)[0]
+    assert not existing_lora_matches(meta, _node_config(tmp_path, train_text_encoder=False), **same)[0]
+    # options-node settings are part of the identity too; the paths ComfyUI owns and resumable knobs are not
+    assert existing_lora_matches(meta, _node_config(tmp_path, no_cache=True), **same)[1] == "ss_cache_latents is 'True', wanted 'False'"
+    assert existing_lora_matches(meta, _node_config(tmp_path, ema=0.99), **same)[1] == "facediffuser_ema is 'None', wanted '0.99'"
+    assert existing_lora_matches(meta, _node_config(tmp_path, dataloader_workers=2, gradient_checkpointing=True), **same)[0]
+    # a different base checkpoint (same file name) or different data
+    assert existing_lora_matches(meta, cfg, train_data_digest=digest, base_model_sha256="d" * 64) == \
+        (False, "the base checkpoint differs (ss_new_sd_model_hash)")
+    edited = train_data_digest(["a" * 64, "b" * 64], ["sks, one", "sks, 2"], ["", ""])  # one caption edited
+    assert existing_lora_matches(meta, cfg, train_data_digest=edited, base_model_sha256="c" * 64) == \
+        (False, "the dataset differs (images, captions or face masks)")
+    assert not existing_lora_matches({}, cfg, **same)[0]
+
+
+def test_base_model_hashes_are_sd_scripts_and_cached(tmp_path) -> None:
+    import hashlib
+    import json
+
+    from facediffuser.trainer.kohya_format import MODEL_HASH_CACHE, base_model_hashes
+
+    ckpt = tmp_path / "m.safetensors"
+    blob = bytes(range(256)) * (5 << 12)  # 5 MiB
+    ckpt.write_bytes(blob)
+    # sd-scripts train_util.model_hash / calculate_sha256 (A1111's old and new hash)
+    expect = (hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8], hashlib.sha256(blob).hexdigest())
+    assert base_model_hashes(ckpt, cache_dir=tmp_path / "cache") == expect
+    cached = json.loads((tmp_path / "cache" / MODEL_HASH_CACHE).read_text())
+    assert cached[str(ckpt.resolve())]["sha256"] == expect[1]
+    # the cache is used while the file is unchanged ...
+    cached[str(ckpt.resolve())]["sha256"] = "f" * 64
+    (tmp_path / "cache" / MODEL_HASH_CACHE).write_text(json.dumps(cached))
+    assert base_model_hashes(ckpt, cache_dir=tmp_path / "cache")[1] == "f" * 64
+    # ... and not once it is rewritten, even with the same size and mtime
+    st = ckpt.stat()
+    time.sleep(0.05)
+    ckpt.write_bytes(blob[::-1])
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert base_model_hashes(ckpt, cache_dir=tmp_path / "cache")[1] == hashlib.sha256(blob[::-1]).hexdigest()
+    assert base_model_hashes(tmp_path, cache_dir=None) is None  # a diffusers folder: no hash, as in sd-scripts
+
+
+def _dataset(folder: Path) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (64, 64), (40 * i, 90, 200)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a photo of sks, view {i}")
+    return folder
+
+
+def test_training_fingerprint_follows_dataset_and_checkpoint(tmp_path) -> None:
+    from PIL import Image
+
+    from facediffuser.nodes.train_nodes import training_fingerprint
+
+    data = _dataset(tmp_path / "faces")
+    ckpt = tmp_path / "m.safetensors"
+    ckpt.write_bytes(b"model one")
+    inputs = {"ckpt_name": "m.safetensors", "dataset": "faces", "output_name": "f", **NODE_VALUES}
+
+    def fp() -> str:
+        return training_fingerprint(inputs, checkpoint=ckpt, dataset=data, output=tmp_path / "f.safetensors")
+
+    seen = [fp()]
+    assert fp() == seen[0]  # nothing changed, nothing to do
+    time.sleep(0.05)
+    cap = data / "1.txt"  # a caption edited to the same length, its mtime put back
+    st = cap.stat()
+    cap.write_text(cap.read_text().replace("view", "side"))
+    os.utime(cap, ns=(st.st_atime_ns, st.st_mtime_ns))
+    seen.append(fp())
+    time.sleep(0.05)
+    (data / "sub").mkdir()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(data / "sub" / "2.png")  # an image added in a subfolder
+    seen.append(fp())
+    time.sleep(0.05)
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(data / "0.png")  # an image replaced
+    seen.append(fp())
+    time.sleep(0.05)
+    ckpt.write_bytes(b"model two")  # the checkpoint swapped under the same name
+    seen.append(fp())
+    (tmp_path / "f.safetensors").write_bytes(b"x")  # the output appeared
+    seen.append(fp())
+    assert len(set(seen)) == len(seen), seen
+    assert fp() == seen[-1]
+    (data / ".hidden.png").write_bytes(b"ignored")  # hidden files are not training data
+    assert fp() == seen[-1]
+
+
+def test_is_changed_in_comfyui_folders(comfyui_dir, tmp_path, monkeypatch) -> None:
+    """IS_CHANGED with ComfyUI's real folder_paths module (no server): a dataset edit or a swapped
+    checkpoint changes it, nothing else does."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("folder_paths", comfyui_dir / "folder_paths.py")
+    fp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fp)
+    monkeypatch.setitem(sys.modules, "folder_paths", fp)
+    for name in ("checkpoints", "loras"):
+        (tmp_path / name).mkdir()
+        fp.folder_names_and_paths[name] = ([str(tmp_path / name)], fp.folder_names_and_paths[name][1])
+    fp.set_input_directory(str(tmp_path / "input"))
+    fp.set_output_directory(str(tmp_path / "output"))
+    data = _dataset(tmp_path / "input" / "faces")
+    (tmp_path / "checkpoints" / "m.safetensors").write_bytes(b"model one")
+    from facediffuser.nodes.train_nodes import FaceDiffuserTrainLora
+
+    inputs = {"ckpt_name": "m.safetensors", "dataset": "faces", "output_name": "f", **NODE_VALUES}
+    first = FaceDiffuserTrainLora.IS_CHANGED(**inputs)
+    assert FaceDiffuserTrainLora.IS_CHANGED(**inputs) == first
+    time.sleep(0.05)
+    (data / "0.txt").write_text("a photo of sks, edited")
+    second = FaceDiffuserTrainLora.IS_CHANGED(**inputs)
+    assert second != first and FaceDiffuserTrainLora.IS_CHANGED(**inputs) == second
+    time.sleep(0.05)
+    (tmp_path / "checkpoints" / "m.safetensors").write_bytes(b"model two")
+    third = FaceDiffuserTrainLora.IS_CHANGED(**inputs)
+    assert third not in (first, second)
+    assert FaceDiffuserTrainLora.IS_CHANGED(**{**inputs, "dataset": "../../etc"}) != third  # refused path: no crash
 
 
 # --- scoring glue -------------------------------------------------------------------------------------

@@ -138,3 +138,15 @@ def test_converter_handles_control_slots_and_links() -> None:
     ui["nodes"][0]["widgets_values"] = [5, "fixed", "x", "extra"]
     with pytest.raises(ValueError):
         ui_to_api(ui, info)
+
+
+def test_train_workflow_sets_every_generated_input() -> None:
+    """The shipped training workflow follows the inputs generated from the settings specs."""
+    from facediffuser.nodes.train_nodes import options_node_specs, train_node_specs
+
+    api = load_api("train_face_lora")
+    train = next(v for v in api.values() if v["class_type"] == "FaceDiffuserTrainLora")
+    options = next(k for k, v in api.items() if v["class_type"] == "FaceDiffuserTrainOptions")
+    assert set(train["inputs"]) == {"ckpt_name", "dataset", "output_name", "options", *(s.name for s in train_node_specs())}
+    assert train["inputs"]["options"] == [options, 0]
+    assert set(api[options]["inputs"]) == {s.name for s in options_node_specs()}
