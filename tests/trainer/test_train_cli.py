@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -159,8 +160,13 @@ def test_accelerate_two_cpu_processes_write_one_file_with_the_same_keys(tiny_ckp
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # accelerate's --cpu launches one process (multi-CPU needs mpirun); --multi_gpu uses torchrun,
     # and the trainer forms a gloo group when there is no CUDA.
+    # A free port of our own: torchrun's default 29500 is shared by every run on the machine, and a
+    # second suite running this test at the same time would join (and hang) our process group.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
     r = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                        "--mixed_precision", "no", "--dynamo_backend", "no",
+                        "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no",
                         "-m", "facediffuser.cli", "train", *common, "--output", str(double)],
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
