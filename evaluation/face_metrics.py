@@ -16,7 +16,7 @@ Entry points: :func:`face_stats` (uint8 NCHW tensors/arrays, PIL images, or an i
 batches), :func:`compare_face_stats`, and :func:`face_metrics` -- one flat, JSON-ready dict for
 the FID table and the ComfyUI node. Real-set stats can be saved once (:meth:`FaceStats.save`) and
 reused. Detection runs through :mod:`facediffuser.faces.detection` (MTCNN; install with
-``pip install --no-deps facenet-pytorch==2.6.0``). torch-only: no ComfyUI imports.
+``pip install facenet-pytorch==2.5.3``). torch-only: no ComfyUI imports.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class FaceStats:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write as JSON, atomically (compute the real set's stats once, reuse them)."""
-        return atomic_write_json(path, self.to_dict(), indent=None)
+        return atomic_write_json(path, self.to_dict(), indent=None, fsync=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FaceStats":

@@ -69,8 +69,8 @@ class FeatureStats:
 # --- files ----------------------------------------------------------------------------------------
 
 def atomic_write_npz(path: str | os.PathLike, **arrays: Any) -> Path:
-    """``np.savez``, atomically (never half a file)."""
-    with atomic_path(path) as tmp:
+    """``np.savez``, atomically (never half a file) and fsync'd: stats, banks and feature caches."""
+    with atomic_path(path, fsync=True) as tmp:
         with open(tmp, "wb") as fh:  # a file object: np.savez would otherwise append ".npz"
             np.savez(fh, **arrays)
     return Path(path)

@@ -279,6 +279,6 @@ def make_checkpoint(
     if out.is_dir():
         raise UserError(f"--out is a folder: {out}")
     sd = build_state_dict(arch, size, seed, dtype)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, fsync=True) as tmp:
         write_safetensors(tmp, sd, file_metadata(arch, size, seed, dtype))
     return out

@@ -577,7 +577,7 @@ def safetensors_hashes(tensors: Mapping[str, "torch.Tensor"], metadata: Mapping[
 
 def save_kohya_lora(path: str | os.PathLike[str], tensors: Mapping[str, "torch.Tensor"], metadata: Mapping[str, str],
                     dtype: "str | torch.dtype" = "fp16") -> dict[str, str]:
-    """Write a kohya LoRA atomically (``<name>.tmp-<pid>`` then ``os.replace``) and return the metadata written.
+    """Write a kohya LoRA atomically (a unique temp name, fsync, then ``os.replace``) and return the metadata written.
 
     ``lora_down``/``lora_up`` are cast to ``dtype`` (fp16/bf16/fp32); ``alpha`` stays float32 so the
     true alpha survives (loaders read it with ``.item()``). ``sshs_model_hash`` and
