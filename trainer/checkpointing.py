@@ -4,15 +4,18 @@ A checkpoint is a folder ``<state_dir>/step-00000120/`` holding
 
 - ``adapter.safetensors`` — the trainable (LoRA) parameters, by their module names;
 - ``optimizer.pt``, ``scheduler.pt``, ``ema.pt`` — the ``state_dict()`` of each;
-- ``rng.pt`` — python / numpy / torch (CPU and CUDA) generator states and the trainer's own noise
-  generator, one entry per process (DDP ranks draw different noise);
+- ``rng.pt`` — the run's own generator states, one entry per process (DDP ranks draw different
+  noise): the noise/timestep generator and the stream that stands in for the global torch
+  generator during adapter init and dropout (:class:`..rng.RNGStream`, keys ``torch``/``cuda``).
+  The process-wide generators are neither saved nor restored: they belong to the host.
 - ``state.json`` — global step, data position, the loss history, the start time of the run, the
   settings it was made with, and whether the run finished.
 
 Why our own and not ``accelerator.save_state``: that writes the *whole* prepared model (3.4 GB for
 an SD1.5 UNet) where the adapter is a few MB, keeps one RNG file per rank written by each rank, and
-is not atomic. Here only the main process writes; a checkpoint is built in a temp folder and
-renamed into place, so a folder named ``step-*`` is always complete, even after ``kill -9``.
+is not atomic. Here only the main process writes; a checkpoint is built in a temp folder unique to
+its writer (pid, thread, random token) and renamed into place, so a folder named ``step-*`` is
+always complete, even after ``kill -9``; a killed writer's temp folder is removed by the next save.
 Everything is read back with ``torch.load(weights_only=True)``.
 """
 
@@ -20,9 +23,10 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
+import secrets
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +35,8 @@ from ..errors import UserError
 
 if TYPE_CHECKING:
     import torch
+
+    from ..rng import RNGStream
 
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -55,43 +61,26 @@ class Checkpoint:
 
 # --- RNG -----------------------------------------------------------------------------------------
 
-def capture_rng(noise_generator: "torch.Generator | None" = None) -> dict[str, Any]:
-    """Every generator a training step can draw from, in a form ``torch.load(weights_only=True)`` reads."""
-    import numpy as np
-    import torch
-
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+def capture_rng(noise_generator: "torch.Generator | None" = None, stream: "RNGStream | None" = None) -> dict[str, Any]:
+    """Every generator a training step draws from, in a form ``torch.load(weights_only=True)`` reads."""
+    state: dict[str, Any] = {}
+    if stream is not None:
+        state.update(stream.state_dict())
     if noise_generator is not None:
         state["noise"] = noise_generator.get_state()
     return state
 
 
-def restore_rng(state: dict[str, Any], noise_generator: "torch.Generator | None" = None) -> None:
-    """Put back what :func:`capture_rng` saved."""
-    import numpy as np
-    import torch
+def restore_rng(state: dict[str, Any], noise_generator: "torch.Generator | None" = None,
+                stream: "RNGStream | None" = None) -> None:
+    """Put back what :func:`capture_rng` saved (never the process-wide generators).
 
-    random.setstate(_as_python_state(state["python"]))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    A format-1 checkpoint written before the stream existed holds the global torch state of the
+    run under ``torch``: that was the same stream, so it is restored into ``stream``."""
+    if stream is not None and "torch" in state:
+        stream.load_state_dict(state)
     if noise_generator is not None and "noise" in state:
         noise_generator.set_state(state["noise"])
-
-
-def _as_python_state(s: Any) -> tuple:
-    """``random.setstate`` wants tuples; a round trip may hand back lists."""
-    version, internal, gauss = s
-    return (version, tuple(internal), gauss)
 
 
 # --- writing --------------------------------------------------------------------------------------
@@ -150,10 +139,10 @@ def save_checkpoint(state_dir: str | Path, *, info: dict[str, Any], adapter: dic
     if final.is_dir():
         return final
     state_dir.mkdir(parents=True, exist_ok=True)
-    for stale in state_dir.glob(".tmp-step-*"):  # left behind by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = state_dir / f".tmp-step-{step:08d}-{os.getpid()}"
-    tmp.mkdir()
+    for stale in state_dir.glob(".tmp-step-*"):
+        if _writer_is_gone(stale):  # left behind by a killed run; a live writer's is its own
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = _unique_temp_dir(state_dir, f".tmp-step-{step:08d}")
     try:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter.items()}
         _fsync_write(tmp / "adapter.safetensors", st_save(tensors))
@@ -163,7 +152,13 @@ def save_checkpoint(state_dir: str | Path, *, info: dict[str, Any], adapter: dic
             _torch_save(ema, tmp / "ema.pt")
         _torch_save({"ranks": rng}, tmp / "rng.pt")
         _fsync_write(tmp / "state.json", json.dumps({"format": FORMAT_VERSION, **info}, indent=1, sort_keys=True).encode())
-        os.replace(tmp, final)
+        _fsync_dir(tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another writer saved this step first: the same state
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -171,6 +166,36 @@ def save_checkpoint(state_dir: str | Path, *, info: dict[str, Any], adapter: dic
     for old in checkpoint_dirs(state_dir)[: -max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _unique_temp_dir(parent: Path, prefix: str) -> Path:
+    """``<prefix>-<pid>-<thread id>-<random>``, created here (``mkdir`` fails rather than share one)."""
+    for _ in range(100):
+        tmp = parent / f"{prefix}-{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temp folder name in {parent}")
+
+
+def _writer_is_gone(tmp: Path) -> bool:
+    """Whether the process that named ``.tmp-step-<step>-<pid>[-...]`` no longer runs (never ours)."""
+    parts = tmp.name.split("-")
+    try:
+        pid = int(parts[3])
+    except (IndexError, ValueError):
+        return True
+    if pid == os.getpid():
+        return False  # another thread of this process may be writing it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OSError):
+        return False  # alive (another user's), or we cannot tell: leave it
+    return False
 
 
 def _fsync_dir(d: Path) -> None:

@@ -129,7 +129,7 @@ class TrainConfig:
     dataloader_workers: int = field(default=0, metadata=_opt("DataLoader worker processes (the data is the same with any number).", weights=False, resume=True, lo=0, hi=64, metavar="N"))
 
     # --- performance --------------------------------------------------------------------------
-    mixed_precision: str = field(default="no", metadata=_opt("Mixed precision (bf16/fp16 need a GPU).", weights=True, resume=False, ss="ss_mixed_precision", choices=("no", "fp16", "bf16")))
+    mixed_precision: str = field(default="no", metadata=_opt("Mixed precision (fp16 needs a GPU; bf16 a GPU or a CPU with AVX-512 BF16).", weights=True, resume=False, ss="ss_mixed_precision", choices=("no", "fp16", "bf16")))
     gradient_checkpointing: bool = field(default=False, metadata=_opt("Trade compute for memory in the UNet (and text encoder); the same maths.", weights=False, resume=True, ss="ss_gradient_checkpointing"))
     no_cache: bool = field(default=False, metadata=_opt("Do not cache latents/text embeddings: encode every step (for benchmarks; the latent sample is then drawn each step, so the result differs).", weights=True, resume=False, ss="ss_cache_latents"))
 

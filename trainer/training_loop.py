@@ -10,6 +10,9 @@ is a function below it that does one thing. The parts worth knowing before chang
   data order is a seeded permutation per epoch (no global RNG), noise and timesteps come from one
   dedicated CPU ``torch.Generator`` per process, and flip / latent sampling / caption dropout from
   a generator per (seed, epoch, image) (:func:`.caching.sample_generator`). Same seed, same settings -> the same file, bit for bit, on CPU.
+  The host's global generators are never reseeded: peft's adapter init and dropout, which draw
+  from the global torch generator, run inside the run's own seeded :class:`..rng.RNGStream`, and
+  the caller gets its generators back as they were (:func:`..rng.preserve_global_rng`).
 * **Resume.** A checkpoint (:mod:`.checkpointing`) holds adapter, optimizer, lr scheduler, EMA,
   every RNG state, the step, the loss history and the run's start time. Resuming continues the
   exact trajectory: a run killed with SIGKILL and resumed writes the same bytes as one that never
@@ -28,17 +31,19 @@ is a function below it that does one thing. The parts worth knowing before chang
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
-import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 
 from ..errors import UserError
 from .config import TrainConfig, setting_specs
+
+log = logging.getLogger("facediffuser.trainer")  # the CLI shows INFO as "facediffuser train: ..."
 
 if TYPE_CHECKING:
     import torch
@@ -93,8 +98,21 @@ class NonFiniteLoss(UserError):
 # --- the loop -----------------------------------------------------------------------------------
 
 def train(config: TrainConfig, *, callbacks: TrainCallbacks | None = None) -> TrainResult:
-    """Train a LoRA as ``config`` says and write it (kohya format) to ``config.output``."""
+    """Train a LoRA as ``config`` says and write it (kohya format) to ``config.output``.
+
+    The host process is left as it was found: its random generators (the run draws from its own
+    seeded streams) and accelerate's process-wide state (so the next run may use another
+    mixed precision)."""
+    from ..rng import preserve_global_rng
+
+    with preserve_global_rng(), _accelerate_state_for_this_run():
+        return _train(config, callbacks=callbacks)
+
+
+def _train(config: TrainConfig, *, callbacks: TrainCallbacks | None = None) -> TrainResult:
     import torch
+
+    from ..rng import RNGStream
 
     t0 = time.perf_counter()
     callbacks = callbacks or TrainCallbacks()
@@ -107,11 +125,14 @@ def train(config: TrainConfig, *, callbacks: TrainCallbacks | None = None) -> Tr
     if resume_from is None and accelerator.is_main_process:
         _clear_finished_state(config)
     accelerator.wait_for_everyone()
-    _seed_everything(config.seed)
 
     models = _load_models(config, accelerator.device, _weight_dtype(config))
     prediction_type = _prediction_type(config, models)
-    named = _add_lora_adapters(config, models)  # {"unet.<path>.lora_A.default.weight": param, ...}
+    # peft's LoRA init and dropout draw from the global torch generator: this run's own seeded
+    # stream stands in for it (same stream on every rank, as a seeded script would have it).
+    torch_rng = RNGStream(_mix(config.seed, 2), devices=[accelerator.device])
+    with torch_rng:
+        named = _add_lora_adapters(config, models)  # {"unet.<path>.lora_A.default.weight": param, ...}
     params = list(named.values())
     data = _build_training_data(config, scan, models, accelerator)
     total_steps = _total_steps(config, len(data.images), world)
@@ -126,7 +147,7 @@ def train(config: TrainConfig, *, callbacks: TrainCallbacks | None = None) -> Tr
     noise_gen = torch.Generator().manual_seed(_mix(config.seed, 1, rank))
     run = _RunState(started_at=_now(), world=world)
     if resume_from is not None:
-        _restore_checkpoint(resume_from, run, named, optimizer, lr_scheduler, ema, noise_gen, rank, accelerator)
+        _restore_checkpoint(resume_from, run, named, optimizer, lr_scheduler, ema, noise_gen, torch_rng, rank, accelerator)
         _print_main(accelerator, f"resuming from {resume_from} (step {run.global_step}/{total_steps})")
     start_step = run.global_step
 
@@ -148,7 +169,8 @@ def train(config: TrainConfig, *, callbacks: TrainCallbacks | None = None) -> Tr
         for _ in range(config.grad_accum):
             batch = next(batches)
             with accelerator.accumulate(*_trained(models, config)):
-                loss = _diffusion_loss(config, models, batch, noise_gen, prediction_type, accelerator.device)
+                with torch_rng:  # dropout (the backward of a checkpointed block replays its state itself)
+                    loss = _diffusion_loss(config, models, batch, noise_gen, prediction_type, accelerator.device)
                 mean_loss = float(accelerator.gather(loss.detach().reshape(1)).mean())
                 if not math.isfinite(mean_loss):
                     _stop_non_finite(config, accelerator, run, mean_loss, progress)
@@ -172,13 +194,13 @@ def train(config: TrainConfig, *, callbacks: TrainCallbacks | None = None) -> Tr
         if config.sample_every and run.global_step % config.sample_every == 0 and run.global_step < total_steps:
             samples += _write_samples(config, models, ema, params, accelerator, run.global_step, callbacks)
         if config.save_every and run.global_step % config.save_every == 0 and run.global_step < total_steps:
-            run.last_checkpoint = _save_checkpoint(config, accelerator, run, named, optimizer, lr_scheduler, ema, noise_gen)
+            run.last_checkpoint = _save_checkpoint(config, accelerator, run, named, optimizer, lr_scheduler, ema, noise_gen, torch_rng)
     progress.close()
 
     # The end: a final checkpoint (to extend later with --resume --steps N, or to resume a cancel),
     # then, only when finished, the LoRA file, the loss curve and a last sample grid.
     run.last_checkpoint = _save_checkpoint(config, accelerator, run, named, optimizer, lr_scheduler, ema, noise_gen,
-                                           finished=status == "finished")
+                                           torch_rng, finished=status == "finished")
     output = loss_plot = None
     if status == "finished":
         if config.sample_every:
@@ -187,7 +209,8 @@ def train(config: TrainConfig, *, callbacks: TrainCallbacks | None = None) -> Tr
     if accelerator.is_main_process:
         loss_plot = _write_loss_plot(config, run, finished=status == "finished")
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # not end_training(): it also destroys a host's process group
+        tracker.finish()
     return TrainResult(
         status=status, output=output, steps=run.global_step, total_steps=total_steps,
         final_loss=run.losses[-1] if run.losses else None, losses=list(run.losses), loss_plot=loss_plot,
@@ -227,20 +250,9 @@ def _mix(*values: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-def _seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _print_main(accelerator: "Accelerator", message: str) -> None:
     if accelerator.is_main_process:
-        print(f"facediffuser train: {message}", file=sys.stderr, flush=True)
+        log.info("%s", message)
 
 
 # --- stage: checks and set-up -----------------------------------------------------------------
@@ -271,7 +283,7 @@ def _check_dataset(config: TrainConfig) -> "DatasetScan":
 
     scan = check_dataset(config)
     for line in scan.report_lines():
-        print(f"facediffuser train: {line}", file=sys.stderr)
+        log.info("%s", line)
     return scan
 
 
@@ -279,20 +291,62 @@ def _make_accelerator(config: TrainConfig) -> "Accelerator":
     import torch
     from accelerate import Accelerator
 
-    if config.mixed_precision != "no" and not torch.cuda.is_available():
-        raise UserError(f"--mixed-precision {config.mixed_precision} needs a GPU; use --mixed-precision no on CPU")
+    if config.mixed_precision != "no" and not torch.cuda.is_available() and not _cpu_has_bf16(config):
+        raise UserError(f"--mixed-precision {config.mixed_precision} needs a GPU (or bf16 on a CPU with AVX-512 BF16); "
+                        f"use --mixed-precision no on CPU")
     log_with = None
     if config.logging_dir:
         try:
             import tensorboard  # noqa: F401
             log_with = "tensorboard"
         except ImportError:
-            print("facediffuser train: --logging-dir ignored: tensorboard is not installed (pip install tensorboard)", file=sys.stderr)
+            log.warning("--logging-dir ignored: tensorboard is not installed (pip install tensorboard)")
     # Several processes without CUDA (``accelerate launch --multi_gpu --num_processes N`` or torchrun
     # on a CPU machine): accelerate only forms a gloo (MULTI_CPU) group when told cpu=True.
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
                        log_with=log_with, project_dir=config.logging_dir if log_with else None, cpu=cpu_ddp)
+
+
+def _cpu_has_bf16(config: TrainConfig) -> bool:
+    """bf16 autocast on a CPU with native bf16 (AVX-512 BF16 / AMX): accelerate runs it as CPU autocast."""
+    import torch
+
+    if config.mixed_precision != "bf16":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@contextmanager
+def _accelerate_state_for_this_run() -> Iterator[None]:
+    """accelerate keeps one process-wide ``AcceleratorState`` (a Borg: every instance shares one
+    dict) and refuses a second ``Accelerator`` with another mixed precision. A long-lived host trains
+    many times, so each run gets a fresh ``AcceleratorState``/``GradientState`` and the host gets
+    back exactly what it had (nothing, or its own state) when the run ends.
+
+    ``PartialState`` (device, rank) and the torch.distributed process group (``accelerate launch``)
+    are kept as the run finds them: a host's are reused and survive the run; ones the run created
+    (the CLI under ``accelerate launch``) are dropped and the group destroyed at its end, so the next
+    run forms them afresh."""
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    group_before = dist.is_available() and dist.is_initialized()
+    shared = [cls._shared_state for cls in (PartialState, AcceleratorState, GradientState)]
+    saved = [dict(d) for d in shared]
+    AcceleratorState._shared_state.clear()
+    GradientState._shared_state.clear()
+    try:
+        yield
+    finally:
+        if not group_before and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        for d, s in zip(shared, saved):
+            d.clear()
+            d.update(s)
 
 
 def _weight_dtype(config: TrainConfig) -> "torch.dtype":
@@ -386,7 +440,6 @@ def _add_lora_adapters(config: TrainConfig, models: Any) -> dict[str, "torch.nn.
     from . import lora_targets
 
     init = _read_init_lora(config) if config.init_lora else None
-    torch.manual_seed(_mix(config.seed, 2))  # the adapter init, independent of what ran before
     if init is None:
         unet_cfg = lora_targets.unet_lora_config(models.unet, rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout,
                                                  conv_rank=config.conv_rank, conv_alpha=config.conv_alpha)
@@ -432,8 +485,7 @@ def _read_init_lora(config: TrainConfig) -> Any:
     if not init.unet:
         raise UserError(f"--init-lora {config.init_lora}: it has no UNet modules")
     if init.text_encoder and not config.train_text_encoder:
-        print("facediffuser train: --init-lora has text-encoder modules; they are not trained (no --train-text-encoder) and not saved",
-              file=sys.stderr)
+        log.warning("--init-lora has text-encoder modules; they are not trained (no --train-text-encoder) and not saved")
     return init
 
 
@@ -704,13 +756,15 @@ def _stop_non_finite(config: TrainConfig, accelerator: "Accelerator", run: _RunS
 # --- stage: saving ------------------------------------------------------------------------------
 
 def _save_checkpoint(config: TrainConfig, accelerator: "Accelerator", run: _RunState, named: dict, optimizer: Any,
-                     lr_scheduler: Any, ema: Any, noise_gen: "torch.Generator", *, finished: bool = False) -> Path:
+                     lr_scheduler: Any, ema: Any, noise_gen: "torch.Generator", torch_rng: Any, *,
+                     finished: bool = False) -> Path:
     """Gather every rank's RNG state; the main process writes the checkpoint; all agree on its path."""
     from accelerate.utils import gather_object
 
     from .checkpointing import capture_rng, save_checkpoint
 
-    rng = gather_object([capture_rng(noise_gen)]) if accelerator.num_processes > 1 else [capture_rng(noise_gen)]
+    mine = capture_rng(noise_gen, torch_rng)
+    rng = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
     path = config.state_path / f"step-{run.global_step:08d}"
     if accelerator.is_main_process:
         path = save_checkpoint(
@@ -728,7 +782,7 @@ def _save_checkpoint(config: TrainConfig, accelerator: "Accelerator", run: _RunS
 
 
 def _restore_checkpoint(path: Path, run: _RunState, named: dict, optimizer: Any, lr_scheduler: Any, ema: Any,
-                        noise_gen: "torch.Generator", rank: int, accelerator: "Accelerator") -> None:
+                        noise_gen: "torch.Generator", torch_rng: Any, rank: int, accelerator: "Accelerator") -> None:
     import torch
 
     from .checkpointing import load_checkpoint, restore_rng
@@ -750,7 +804,7 @@ def _restore_checkpoint(path: Path, run: _RunState, named: dict, optimizer: Any,
             raise UserError(f"--resume: {path} has no EMA state but --ema is set")
         ema.load_state_dict(ck.ema)
         ema.to(device=next(iter(named.values())).device)
-    restore_rng(ck.rng[rank], noise_gen)
+    restore_rng(ck.rng[rank], noise_gen, torch_rng)
     run.global_step = ck.step
     run.losses = [float(x) for x in ck.info.get("losses", [])]
     run.started_at = float(ck.info.get("started_at", run.started_at))
@@ -831,7 +885,7 @@ def _write_loss_plot(config: TrainConfig, run: _RunState, *, finished: bool) -> 
     try:
         return save_loss_curve(run.losses, where, title=f"{out.stem}: training loss")
     except Exception as exc:  # noqa: BLE001 - a plot must never cost the user the LoRA
-        print(f"facediffuser train: loss plot not written ({exc})", file=sys.stderr)
+        log.warning("loss plot not written (%s)", exc)
         return None
 
 

@@ -191,13 +191,16 @@ def _save(state_dir: Path, step: int, **kw) -> Path:
 def test_checkpoints_are_atomic_and_only_the_newest_two_are_kept(tmp_path):
     d = tmp_path / "state"
     d.mkdir()
-    stale = d / ".tmp-step-00000009-12345"  # what a kill -9 during a save leaves behind
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    stale = d / f".tmp-step-00000009-{gone}"  # what a kill -9 during a save leaves behind
     stale.mkdir()
     (stale / "adapter.safetensors").write_bytes(b"half")
+    live = d / f".tmp-step-00000009-{os.getppid()}-1-ab"  # a live writer's (another process): left alone
+    live.mkdir()
     for step in (2, 4, 6):
         _save(d, step)
     assert [p.name for p in ck.checkpoint_dirs(d)] == ["step-00000004", "step-00000006"]
-    assert not stale.exists() and ck.latest_checkpoint(d).name == "step-00000006"
+    assert not stale.exists() and live.is_dir() and ck.latest_checkpoint(d).name == "step-00000006"
     loaded = ck.load_checkpoint(d / "step-00000006")
     assert loaded.step == 6 and loaded.adapter["unet.w"].shape == (2, 2) and loaded.ema is None
     assert loaded.optimizer["state"][0]["step"].item() == 1
@@ -208,16 +211,39 @@ def test_checkpoints_are_atomic_and_only_the_newest_two_are_kept(tmp_path):
         ck.load_checkpoint(d / "step-00000006")
 
 
-def test_rng_states_round_trip(tmp_path):
+def test_rng_states_round_trip_without_touching_the_global_generators(tmp_path):
     import numpy as np
 
-    g = torch.Generator().manual_seed(3)
+    from facediffuser.rng import RNGStream
+
+    noise, stream = torch.Generator().manual_seed(3), RNGStream(5)
+    with stream:
+        torch.rand(2)  # advance the stream past its start
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
-    state = ck.capture_rng(g)
-    torch.save(state, tmp_path / "rng.pt")
-    expected = (torch.rand(3), np.random.rand(3), random.random(), torch.rand(3, generator=g))
-    torch.manual_seed(99), np.random.seed(99), random.seed(99), g.manual_seed(99)
-    ck.restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True), g)
-    got = (torch.rand(3), np.random.rand(3), random.random(), torch.rand(3, generator=g))
-    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
-    assert got[2] == expected[2] and torch.equal(got[3], expected[3])
+    caller = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    torch.save(ck.capture_rng(noise, stream), tmp_path / "rng.pt")
+    with stream:
+        expected = torch.rand(3)
+    expected_noise = torch.rand(3, generator=noise)
+
+    noise2, stream2 = torch.Generator().manual_seed(99), RNGStream(99)
+    ck.restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True), noise2, stream2)
+    with stream2:
+        got = torch.rand(3)
+    assert torch.equal(got, expected) and torch.equal(torch.rand(3, generator=noise2), expected_noise)
+    assert torch.equal(torch.get_rng_state(), caller[0]) and np.array_equal(np.random.get_state()[1], caller[1])
+    assert random.getstate() == caller[2]  # capture, restore and the stream never touched the caller's
+
+
+def test_a_stream_gives_the_numbers_of_a_seeded_script():
+    """RNGStream(s) stands in for ``torch.manual_seed(s)`` (the trainer's init numbers are unchanged)."""
+    from facediffuser.rng import RNGStream
+
+    with RNGStream(1234):
+        a = torch.rand(4)
+        lin = torch.nn.Linear(3, 2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        b = torch.rand(4)
+        ref = torch.nn.Linear(3, 2)
+    assert torch.equal(a, b) and torch.equal(lin.weight, ref.weight)
