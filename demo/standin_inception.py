@@ -87,7 +87,10 @@ def build_standin_state_dict(seed: int = 0) -> dict:
     empty = io.BytesIO()
     torch.save({}, empty)
     empty.seek(0)
-    module = _Skeleton("inception-v3-compat", ["2048"], feature_extractor_weights_path=empty)
+    from ..rng import preserve_global_rng
+
+    with preserve_global_rng():  # the layers' default init is replaced below from `gen`
+        module = _Skeleton("inception-v3-compat", ["2048"], feature_extractor_weights_path=empty)
     gen = torch.Generator().manual_seed(int(seed))
     state = {}
     for key, value in module.state_dict().items():
@@ -133,7 +136,7 @@ def standin_weights(folder: str | os.PathLike, seed: int = 0) -> Path:
     path = Path(folder) / standin_file_name(seed)
     if path.is_file():
         return path
-    with atomic_path(path) as tmp:
+    with atomic_path(path, fsync=True) as tmp:
         torch.save(build_standin_state_dict(seed), tmp)
     return path
 

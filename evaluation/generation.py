@@ -15,6 +15,7 @@ images are generated after it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from contextlib import contextmanager
@@ -102,7 +103,8 @@ def lora_loaded(pipe: "StableDiffusionPipeline", lora: str | os.PathLike, scale:
     if not p.is_file():
         raise UserError(f"LoRA file not found: {p}")
     try:
-        pipe.load_lora_weights(str(p), adapter_name=ADAPTER_NAME)
+        with _no_text_encoder_warning_for(p):
+            pipe.load_lora_weights(str(p), adapter_name=ADAPTER_NAME)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise UserError(f"cannot load LoRA {p} into this checkpoint: {str(exc).splitlines()[0][:200]}") from None
     try:
@@ -110,6 +112,48 @@ def lora_loaded(pipe: "StableDiffusionPipeline", lora: str | os.PathLike, scale:
         yield
     finally:
         pipe.delete_adapters(ADAPTER_NAME)
+
+
+# diffusers warns "No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'"
+# for every LoRA without a text-encoder part, which most face LoRAs are; these loggers emit it.
+_DIFFUSERS_LORA_LOGGERS = ("diffusers.loaders.lora_base", "diffusers.loaders.lora_pipeline", "diffusers.loaders.peft")
+
+
+class _DropNoTextEncoderKeys(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("No LoRA keys associated to") and "text_encoder" in msg)
+
+
+def _has_text_encoder_keys(path: Path) -> bool:
+    """From the header only (no tensors read): kohya ``lora_te*`` or diffusers ``text_encoder.`` keys."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return any(k.startswith(("lora_te", "text_encoder.", "te.")) for k in f.keys())
+
+
+@contextmanager
+def _no_text_encoder_warning_for(path: Path) -> Iterator[None]:
+    """For a LoRA that has no text-encoder part that warning states the expected, so it is dropped
+    -- this message only, from diffusers' LoRA loggers only, for this load only. A file that does
+    have text-encoder keys keeps it (then it means something)."""
+    try:
+        has_te = _has_text_encoder_keys(path)
+    except Exception:  # noqa: BLE001 - not a safetensors file: let diffusers say what is wrong
+        has_te = True
+    if has_te:
+        yield
+        return
+    drop = _DropNoTextEncoderKeys()
+    loggers = [logging.getLogger(name) for name in _DIFFUSERS_LORA_LOGGERS]
+    for lg in loggers:
+        lg.addFilter(drop)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(drop)
 
 
 def generate(pipe: "StableDiffusionPipeline", prompts: Sequence[str], settings: SamplerSettings, n: int, *,

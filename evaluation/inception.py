@@ -15,6 +15,7 @@ Resize modes (the choice moves FID by several percent, so it is recorded in ever
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from typing import Any, Iterator, Sequence
 
 from ..errors import UserError
 from ..fileio import file_sha256
+from ..rng import preserve_global_rng
 
 WEIGHTS_FILE_NAMES = (
     "weights-inception-2015-12-05-6726825d.pth",  # torch-fidelity / torchmetrics name
@@ -87,17 +89,16 @@ def find_inception_weights(path: str | os.PathLike | None = None, *, models_dir:
     )
 
 
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
-
-
 def weights_sha256(path: str | os.PathLike) -> str:
     """SHA-256 of the weights file (cached per path, size and mtime): it names the extractor."""
     p = Path(path).resolve()
     st = p.stat()
-    key = (str(p), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        _SHA_CACHE[key] = file_sha256(p)
-    return _SHA_CACHE[key]
+    return _file_sha256(str(p), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)  # 64-byte strings, bounded: a server that sees many files keeps 32
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
 
 
 def load_inception_state_dict(path: str | os.PathLike) -> dict:
@@ -155,17 +156,31 @@ def _module_class():
 
 
 @contextmanager
-def _fp32_exact() -> Iterator[None]:
-    """TF32 convolutions/matmuls perturb features (and FID) on Ampere+ GPUs: switch them off."""
+def _fp32_exact(device: Any) -> Iterator[None]:
+    """TF32 convolutions/matmuls perturb features (and FID) on Ampere+ GPUs: off for the block,
+    then the host's own setting comes back. Only on CUDA (no other device has TF32), and through
+    torch's ``fp32_precision`` API where it exists: reading the legacy ``allow_tf32`` flags raises
+    once a host has set the new API (torch >= 2.9)."""
     import torch
 
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision") and hasattr(cudnn, "conv"):
+        saved = (matmul.fp32_precision, cudnn.conv.fp32_precision)
+        matmul.fp32_precision, cudnn.conv.fp32_precision = "ieee", "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision, cudnn.conv.fp32_precision = saved
+        return
+    saved = (cudnn.allow_tf32, matmul.allow_tf32)
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
 class InceptionFeatures:
@@ -200,14 +215,20 @@ class InceptionFeatures:
         self.resize = resize
         self.batch_size = int(batch_size)
         self.progress = progress
-        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.channels_last = True if channels_last is None else bool(channels_last)
         sd = load_inception_state_dict(self.weights_path)
-        model = _module_class()(sd, str(self.weights_path))
-        model = model.to(self.device)
+        with preserve_global_rng():  # the layers' random init (overwritten by the weights) is not the caller's draw
+            model = _module_class()(sd, str(self.weights_path))
+        model = model.to(device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model.eval().requires_grad_(False)
+
+    @property
+    def device(self) -> "torch.device":  # noqa: F821
+        """Where the weights are now (a host's model manager, e.g. ComfyUI's, may move them)."""
+        return next(self.model.parameters()).device
 
     # --- what produced the numbers ------------------------------------------------------------
     @property
@@ -262,7 +283,7 @@ class InceptionFeatures:
 
         x = to_uint8_nchw(images)
         out = []
-        with torch.inference_mode(), _fp32_exact():
+        with torch.inference_mode(), _fp32_exact(self.device):
             for i in range(0, x.shape[0], self.batch_size):
                 out.append(self._forward(x[i:i + self.batch_size]).float().cpu())
         return torch.cat(out)
@@ -278,7 +299,7 @@ class InceptionFeatures:
         feats = np.empty((len(files), FEATURE_DIM), dtype=np.float32)
         done = 0
         with tqdm(total=len(files), desc=desc, unit="img", disable=not self.progress, leave=False) as bar, \
-                torch.inference_mode(), _fp32_exact():
+                torch.inference_mode(), _fp32_exact(self.device):
             for _, batch in iter_image_batches(files, self.batch_size):
                 f = self._forward(batch).float().cpu().numpy()
                 feats[done:done + len(f)] = f

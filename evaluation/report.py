@@ -128,9 +128,7 @@ def fid_bar_chart(results: Sequence[FIDResult], *, title: str = "FID / KID (lowe
         raise UserError("nothing to compare: give at least one FID result")
     if width < 200 or height < 150:
         raise UserError(f"chart size {width}x{height} is too small (at least 200x150)")
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    # No pyplot and no matplotlib.use(): the host's backend and figure registry stay as they are.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

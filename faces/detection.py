@@ -9,22 +9,24 @@ Why MTCNN from facenet-pytorch is the default backend
 -----------------------------------------------------
 The project runs offline, so the weights must ship inside a PyPI wheel. Candidates checked:
 
-* **facenet-pytorch 2.6.0 (MTCNN)** -- MIT licence, a 1.9 MB wheel with the P/R/O-net weights
+* **facenet-pytorch 2.5.3 (MTCNN)** -- MIT licence, a 1.9 MB wheel with the P/R/O-net weights
   inside (``facenet_pytorch/data/*.pt``), pure torch + torchvision (``batched_nms``), so it reuses
   ComfyUI's torch and adds nothing else. Gives a box, a probability and exactly the five landmarks
-  the FFHQ recipe needs (eyes, nose, mouth corners). Its metadata pins ``torch<2.3``; with
-  ``--no-deps`` it runs on torch 2.14 / torchvision 0.29 / numpy 2 (verified: the astronaut is
-  found at p = 0.999998). Upstream is quiet (last release 2024), but the code we use is small and
-  stable, and the pin is the only friction.
+  the FFHQ recipe needs (eyes, nose, mouth corners). Runs on torch 2.14 / torchvision 0.29 /
+  numpy 2 (verified: the astronaut is found at p = 0.999998). Why 2.5.3 and not 2.6.0: the two
+  wheels hold the same MTCNN code and the same weight files (only ``utils/download.py`` differs),
+  but 2.6.0's metadata pins ``torch<2.3, numpy<2, Pillow<10.3``: installed ``--no-deps`` it makes
+  every later ``pip install`` print a dependency-conflict ERROR. 2.5.3 asks for ``numpy, requests,
+  torchvision, pillow`` unpinned, which any ComfyUI already has, so a plain install changes nothing.
 * **mediapipe 0.10.14** (BlazeFace + face mesh) -- Apache-2.0 and more landmarks, but it drags in
   jax, jaxlib, opencv-contrib and ``protobuf<5`` (a conflict magnet inside ComfyUI), and 1.x no
   longer ships the models.
 * **scikit-image LBP cascade** -- already installed, but boxes only: no landmarks, so no alignment.
 
-So: MTCNN, installed as an optional extra that pip metadata cannot express (it needs
-``--no-deps``)::
+So: MTCNN, installed as an optional extra (after torch and torchvision, so pip finds its
+``torchvision`` requirement satisfied and touches nothing)::
 
-    pip install --no-deps facenet-pytorch==2.6.0
+    pip install facenet-pytorch==2.5.3
 
 When it is missing, the first detection raises a one-line :class:`~facediffuser.errors.UserError`
 naming that command. facenet-pytorch's own imports are torch, torchvision, numpy, Pillow and
@@ -54,7 +56,7 @@ from ..errors import UserError
 
 DEFAULT_MIN_SCORE = 0.9
 DEFAULT_BACKEND = "mtcnn"
-MTCNN_INSTALL = "pip install --no-deps facenet-pytorch==2.6.0"
+MTCNN_INSTALL = "pip install facenet-pytorch==2.5.3"
 
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 
@@ -122,7 +124,9 @@ def register_detector(name: str, factory: Callable[..., FaceDetector]) -> None:
 
 
 def get_detector(name: str = DEFAULT_BACKEND, device: str | None = None) -> FaceDetector:
-    """The (cached) detector for a backend name; networks load once per process."""
+    """The cached detector for a backend name and device. The cache is bounded (the two most
+    recently used; MTCNN is 0.5 M parameters) and :func:`clear_detector_cache` frees it: a host
+    (a web UI) calls that when it frees its own models."""
     if name not in _FACTORIES:
         raise UserError(f"unknown face detector {name!r}; available: {', '.join(sorted(_FACTORIES))}")
     return _cached_detector(name, device)
@@ -133,7 +137,7 @@ def clear_detector_cache() -> None:
     _cached_detector.cache_clear()
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=2)
 def _cached_detector(name: str, device: str | None) -> FaceDetector:
     return _FACTORIES[name](device=device)
 
@@ -212,7 +216,10 @@ class MTCNNDetector:
             raise UserError(f"facenet-pytorch could not be imported ({type(exc).__name__}: {exc}); torchvision must match torch") from None
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         # keep_all: every face; post_process off: we only use detect(), never the crops.
-        self._mtcnn = MTCNN(keep_all=True, device=self.device, min_face_size=min_face_size, post_process=False)
+        from ..rng import preserve_global_rng
+
+        with preserve_global_rng():  # its layers' random init (overwritten by the wheel's weights) is not the caller's draw
+            self._mtcnn = MTCNN(keep_all=True, device=self.device, min_face_size=min_face_size, post_process=False)
         self._torch = torch
 
     def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:

@@ -79,7 +79,7 @@ def load_tokenizer(family: str) -> CLIPTokenizer:
     return _load(key)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=len(FAMILIES))  # one per family (a few MB each); tokenizers hold no device memory
 def _load(family: str) -> CLIPTokenizer:
     from transformers import CLIPTokenizer
 

@@ -33,14 +33,14 @@ def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
 def save_loss_curve(losses: Sequence[float], path: str | Path, *, title: str = "training loss",
                     start_step: int = 1) -> Path:
     """Write a PNG of the per-step loss (faint) and its smoothed trend (bold). Returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure  # no pyplot: no global figure state, thread-safe enough
+    # No pyplot and no matplotlib.use(): the host's backend and figure registry stay as they are.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     path = Path(path)
     steps = list(range(start_step, start_step + len(losses)))
     fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     if losses:
         ax.plot(steps, list(losses), color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")

@@ -133,4 +133,37 @@ def test_missing_facenet_gives_one_line_install_command(monkeypatch):
         fd.clear_detector_cache()
     msg = str(exc.value)
     assert "\n" not in msg
-    assert "pip install --no-deps facenet-pytorch==2.6.0" in msg
+    assert "pip install facenet-pytorch==2.5.3" in msg
+
+
+def test_the_detector_cache_is_bounded_and_clear_frees_it():
+    """No detector is kept forever: the cache holds the two most recently used, and a host frees
+    them with clear_detector_cache()."""
+    import gc
+    import weakref
+
+    class Probe:
+        name = "cache-probe"
+
+        def __init__(self, device=None):
+            self.device = device
+
+        def detect(self, images):
+            return [[] for _ in images]
+
+    fd.register_detector("cache-probe", Probe)
+    try:
+        first = fd.get_detector("cache-probe", "dev0")
+        assert fd.get_detector("cache-probe", "dev0") is first  # cached
+        gone = weakref.ref(first)
+        del first
+        fd.get_detector("cache-probe", "dev1")
+        last = weakref.ref(fd.get_detector("cache-probe", "dev2"))
+        gc.collect()
+        assert gone() is None and last() is not None  # bounded: the oldest fell out
+        fd.clear_detector_cache()
+        gc.collect()
+        assert last() is None
+    finally:
+        fd._FACTORIES.pop("cache-probe", None)
+        fd.clear_detector_cache()
