@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 # Modules relative to this package; the order is the order in --help.
 _COMMAND_MODULES = [
@@ -38,9 +40,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def _show_logs(command: str) -> Iterator[None]:
+    """The library logs to ``logging.getLogger("facediffuser.*")``; a host decides what to show.
+    The command is the host here: INFO and up on stderr as ``facediffuser <command>: <message>``,
+    for this call only (tests call :func:`main` many times in one process)."""
+    logger = logging.getLogger("facediffuser")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"facediffuser {command}: %(message)s"))
+    saved = (logger.level, logger.propagate)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with _show_logs(args.command):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         result = args.func(args)
     except KeyboardInterrupt:

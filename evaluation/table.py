@@ -23,8 +23,8 @@ Each row of ``results.json`` is a :class:`.fid_result.FIDResult` (``to_dict``).
 from __future__ import annotations
 
 import datetime
+import logging
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +33,8 @@ from typing import Any, Callable, Sequence
 from ..errors import UserError
 from .generation import SamplerSettings
 from .kid import DEFAULT_SEED, DEFAULT_SUBSET_SIZE, DEFAULT_SUBSETS
+
+log = logging.getLogger("facediffuser.evaluation")
 
 DEFAULT_PROMPT = "a photo of a face"
 SCHEMA = "facediffuser.eval_table/2"
@@ -264,5 +266,5 @@ def run_table(cfg: TableConfig, make_extractor: Callable[[], Any], *, caveat: Fe
     }
     write_table_outputs(results, out, real_files=ref, base_files=pair.base_files, finetuned_files=pair.finetuned_files)
     for w in warnings:
-        print(f"warning: {w}", file=sys.stderr)
+        log.warning("warning: %s", w)
     return results
