@@ -15,7 +15,7 @@ output, beside each crop DST/<name>.png:
 Re-running the same command skips images already done (resumable).
 
 face detection needs facenet-pytorch (MTCNN; its wheel ships the weights):
-  pip install --no-deps facenet-pytorch==2.6.0
+  pip install facenet-pytorch==2.5.3
 
 examples:
   facediffuser prep photos/ faces/                       # largest face per photo, 512 px
