@@ -18,12 +18,17 @@ and the evaluation table use), and the chart is :func:`..evaluation.report.fid_b
 The Inception weights (``weights-inception-2015-12-05-6726825d.pth``) are looked up in ComfyUI's
 ``models/inception`` folder(s), then ``$FACEDIFFUSER_INCEPTION`` and ``$TORCH_HOME/hub/checkpoints``;
 when missing, the node error names the file and the folder to put it in.
+
+The loaded Inception is one of ComfyUI's models (a ``ModelPatcher`` loaded with
+``load_models_gpu``): ComfyUI moves it on and off the GPU with the others, and "unload models"
+(``unload_all_models``, ``POST /free``) frees it; the next FID run loads it again.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,7 +42,6 @@ CATEGORY = "FaceDiffuser/evaluation"
 COMPUTE_FROM_FOLDER = "(compute from folder)"
 MODES = ("single", "accumulate")
 
-_EXTRACTORS: dict[tuple, Any] = {}  # one loaded Inception per (weights file, resize, device)
 
 
 # --- core glue (no ComfyUI; tests call these directly) -----------------------------------------------
@@ -53,18 +57,6 @@ def find_weights(folders: Sequence[str | os.PathLike]) -> Path:
             if p.is_file():
                 return p
     return find_inception_weights(None, models_dir=folders[0] if folders else None)
-
-
-def get_extractor(weights: str | os.PathLike, resize: str, device: Any = None) -> Any:
-    """A memoised :class:`InceptionFeatures` (loading the 96 MB file takes seconds)."""
-    from ..evaluation.inception import InceptionFeatures
-
-    st = Path(weights).stat()
-    key = (str(Path(weights).resolve()), st.st_size, st.st_mtime_ns, resize, str(device))
-    if key not in _EXTRACTORS:
-        _EXTRACTORS.clear()  # keep one: a new file or setting replaces the old extractor
-        _EXTRACTORS[key] = InceptionFeatures(weights, device=device, resize=resize, progress=False)
-    return _EXTRACTORS[key]
 
 
 def make_reference(folder: str | os.PathLike | None, stats_file: str | os.PathLike | None, extractor_factory,
@@ -139,17 +131,79 @@ def _cache_dir() -> Path:
     return comfy_output_dir() / "facediffuser_cache" / "features"
 
 
+class _ManagedInception:
+    """The FID nodes' Inception, owned by ComfyUI's model management rather than by this module.
+
+    Holds at most one ``ModelPatcher`` (a new weights file or resize mode replaces it). Today's
+    ComfyUI keeps only weak references to loaded models and reports a full unload through the
+    patcher's ``ON_DETACH`` callback: the slot holds the patcher and lets go on that callback.
+    Older ComfyUI (e.g. 2024-03) has no callbacks but holds loaded models itself: the slot holds a
+    weak reference, so the patcher lives exactly as long as ComfyUI keeps it loaded."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._ref: Any = None  # the patcher, or a weakref to it
+
+    def get(self, weights: Path, resize: str) -> Any:
+        """The InceptionFeatures, its weights loaded on ComfyUI's device (loaded first if needed)."""
+        import comfy.model_management as mm
+
+        st = Path(weights).stat()
+        key = (str(Path(weights).resolve()), st.st_size, st.st_mtime_ns, resize)
+        patcher = self._patcher() if key == self._key else None
+        if patcher is None:
+            patcher = self._new_patcher(weights, resize)
+            self._key = key
+        mm.load_models_gpu([patcher])
+        return patcher.facediffuser_extractor
+
+    def clear(self) -> None:
+        self._key = self._ref = None
+
+    def _patcher(self) -> Any:
+        return self._ref() if isinstance(self._ref, weakref.ref) else self._ref
+
+    def _new_patcher(self, weights: Path, resize: str) -> Any:
+        import comfy.model_management as mm
+        from comfy.model_patcher import ModelPatcher
+
+        from ..evaluation.inception import InceptionFeatures
+
+        self.clear()
+        offload = mm.unet_offload_device()
+        extractor = InceptionFeatures(weights, device=offload, resize=resize, progress=False)
+        patcher = ModelPatcher(extractor.model, mm.get_torch_device(), offload)
+        patcher.facediffuser_extractor = extractor
+        try:
+            from comfy.patcher_extension import CallbacksMP
+        except ImportError:
+            CallbacksMP = None
+        if CallbacksMP is not None and hasattr(patcher, "add_callback"):
+            patcher.add_callback(CallbacksMP.ON_DETACH, self._on_detach)
+            self._ref = patcher
+        else:
+            self._ref = weakref.ref(patcher)
+        return patcher
+
+    def _on_detach(self, patcher: Any, unpatch_all: bool = True) -> None:
+        # A re-load detaches with unpatch_all=False first; only a real unload lets go.
+        if unpatch_all and self._patcher() is patcher:
+            self.clear()
+            log.debug("FaceDiffuser FID: Inception unloaded by ComfyUI")
+
+
+_INCEPTION = _ManagedInception()
+
+
 def _comfy_extractor_factory(resize: str):
     import folder_paths
 
     from .paths import INCEPTION_FOLDER, register_model_folders
 
     def make():
-        import comfy.model_management as mm
-
         register_model_folders()
         weights = find_weights(folder_paths.get_folder_paths(INCEPTION_FOLDER))
-        return get_extractor(weights, resize, mm.get_torch_device())
+        return _INCEPTION.get(weights, resize)
 
     return make
 

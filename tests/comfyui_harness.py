@@ -95,13 +95,42 @@ class FaceDiffuserTestProbeProcess:
         return {"ui": {"modules": names}}
 
 
+class FaceDiffuserTestProbeMemory:
+    """Which FID Inception modules are alive in the server (after a full gc), and the class names
+    of the models ComfyUI's model management holds as loaded."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"nonce": ("STRING", {"default": ""})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "probe"
+    OUTPUT_NODE = True
+    CATEGORY = "FaceDiffuser/testing"
+
+    def probe(self, nonce):
+        import gc
+
+        import comfy.model_management as mm
+
+        gc.collect()
+        alive = sum(1 for o in gc.get_objects() if type(o).__name__ == "FIDInceptionV3")
+        loaded = []
+        for lm in list(mm.current_loaded_models):
+            patcher = lm.model  # a weak reference behind a property in newer ComfyUI
+            loaded.append(type(getattr(patcher, "model", None)).__name__)
+        return {"ui": {"inception_alive": [alive], "loaded": loaded}}
+
+
 NODE_CLASS_MAPPINGS = {
     "FaceDiffuserTestProbeModel": FaceDiffuserTestProbeModel,
     "FaceDiffuserTestProbeProcess": FaceDiffuserTestProbeProcess,
+    "FaceDiffuserTestProbeMemory": FaceDiffuserTestProbeMemory,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "FaceDiffuserTestProbeModel": "FaceDiffuser test probe (model)",
     "FaceDiffuserTestProbeProcess": "FaceDiffuser test probe (process)",
+    "FaceDiffuserTestProbeMemory": "FaceDiffuser test probe (memory)",
 }
 '''
 
