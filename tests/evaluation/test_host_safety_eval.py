@@ -29,11 +29,11 @@ def tiny_lora(tmp_path_factory, sd15_tiny_checkpoint) -> Path:
 
 def _evaluate(ckpt: Path, lora: Path, weights: Path, out: Path) -> None:
     """Everything evaluation does that builds or runs a model, plus the charts."""
-    from facediffuser.evaluation.comparison_chart import comparison_chart
+    from facediffuser.evaluation.fid_result import FIDResult
     from facediffuser.evaluation.generation import SamplerSettings, generate_pair
     from facediffuser.evaluation.inception import InceptionFeatures
     from facediffuser.evaluation.kid import kid
-    from facediffuser.evaluation.report import save_bar_chart
+    from facediffuser.evaluation.report import fid_bar_chart, save_bar_chart
     from facediffuser.trainer.progress_plots import save_loss_curve
 
     pair = generate_pair(ckpt, lora, ["a face"], SamplerSettings(steps=1, size=64, sampler="euler_a", eta=1.0), 2,
@@ -42,8 +42,8 @@ def _evaluate(ckpt: Path, lora: Path, weights: Path, out: Path) -> None:
     f = ext.features_from_files(pair.base_files + pair.finetuned_files)
     kid(f[:2].astype(np.float64), f[2:].astype(np.float64), subsets=2, subset_size=2)
     save_loss_curve([1.0, 0.5], out / "loss.png")
-    comparison_chart([{"label": "a", "fid": 1.0, "kid": 0.1, "kid_std": 0.01, "n": 2}])
-    save_bar_chart({"rows": [{"name": "a", "n_a": 2, "n_b": 2, "fid": 1.0, "kid_mean": 0.1, "kid_std": 0.01}]}, out / "bars.png")
+    fid_bar_chart([FIDResult(fid=1.0, n_a=2, n_b=2, kid_mean=0.1, kid_std=0.01, label="a")])
+    save_bar_chart({"rows": [{"label": "a", "n_a": 2, "n_b": 2, "fid": 1.0, "kid_mean": 0.1, "kid_std": 0.01}]}, out / "bars.png")
 
 
 def test_evaluation_leaves_generators_flags_and_backend_alone(sd15_tiny_checkpoint, tiny_lora, inception_weights, tmp_path):
