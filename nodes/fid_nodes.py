@@ -26,9 +26,9 @@ The loaded Inception is one of ComfyUI's models (a ``ModelPatcher`` loaded with
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -134,15 +134,16 @@ def _cache_dir() -> Path:
 class _ManagedInception:
     """The FID nodes' Inception, owned by ComfyUI's model management rather than by this module.
 
-    Holds at most one ``ModelPatcher`` (a new weights file or resize mode replaces it). Today's
-    ComfyUI keeps only weak references to loaded models and reports a full unload through the
-    patcher's ``ON_DETACH`` callback: the slot holds the patcher and lets go on that callback.
-    Older ComfyUI (e.g. 2024-03) has no callbacks but holds loaded models itself: the slot holds a
-    weak reference, so the patcher lives exactly as long as ComfyUI keeps it loaded."""
+    Holds at most one ``ModelPatcher`` (a new weights file or resize mode replaces it) and lets go
+    of it when ComfyUI unloads it ("unload models", or memory needed for other models), so that
+    ComfyUI's unload really frees it; the next FID run loads it again. Between prompts it stays
+    loaded, like a checkpoint a loader node holds. Today's ComfyUI reports a full unload through
+    the patcher's ``ON_DETACH`` callback; older ComfyUI (e.g. 2024-03) has no callbacks, and there
+    every ``unpatch_model`` with its weights is an unload (``LoadedModel.model_unload``)."""
 
     def __init__(self) -> None:
         self._key: tuple | None = None
-        self._ref: Any = None  # the patcher, or a weakref to it
+        self._patcher: Any = None
 
     def get(self, weights: Path, resize: str) -> Any:
         """The InceptionFeatures, its weights loaded on ComfyUI's device (loaded first if needed)."""
@@ -150,7 +151,7 @@ class _ManagedInception:
 
         st = Path(weights).stat()
         key = (str(Path(weights).resolve()), st.st_size, st.st_mtime_ns, resize)
-        patcher = self._patcher() if key == self._key else None
+        patcher = self._patcher if key == self._key else None
         if patcher is None:
             patcher = self._new_patcher(weights, resize)
             self._key = key
@@ -158,38 +159,58 @@ class _ManagedInception:
         return patcher.facediffuser_extractor
 
     def clear(self) -> None:
-        self._key = self._ref = None
-
-    def _patcher(self) -> Any:
-        return self._ref() if isinstance(self._ref, weakref.ref) else self._ref
+        self._key = self._patcher = None
 
     def _new_patcher(self, weights: Path, resize: str) -> Any:
         import comfy.model_management as mm
-        from comfy.model_patcher import ModelPatcher
 
         from ..evaluation.inception import InceptionFeatures
 
         self.clear()
         offload = mm.unet_offload_device()
         extractor = InceptionFeatures(weights, device=offload, resize=resize, progress=False)
-        patcher = ModelPatcher(extractor.model, mm.get_torch_device(), offload)
+        patcher = _patcher_class()(extractor.model, mm.get_torch_device(), offload)
         patcher.facediffuser_extractor = extractor
-        try:
+        if _has_detach_callbacks():
             from comfy.patcher_extension import CallbacksMP
-        except ImportError:
-            CallbacksMP = None
-        if CallbacksMP is not None and hasattr(patcher, "add_callback"):
+
             patcher.add_callback(CallbacksMP.ON_DETACH, self._on_detach)
-            self._ref = patcher
-        else:
-            self._ref = weakref.ref(patcher)
+        self._patcher = patcher
         return patcher
 
     def _on_detach(self, patcher: Any, unpatch_all: bool = True) -> None:
-        # A re-load detaches with unpatch_all=False first; only a real unload lets go.
-        if unpatch_all and self._patcher() is patcher:
+        # A partial unload or a re-load detaches without unpatch_all: only a full unload lets go.
+        if unpatch_all and self._patcher is patcher:
             self.clear()
             log.debug("FaceDiffuser FID: Inception unloaded by ComfyUI")
+
+
+def _has_detach_callbacks() -> bool:
+    try:
+        from comfy.patcher_extension import CallbacksMP
+    except ImportError:
+        return False
+    from comfy.model_patcher import ModelPatcher
+
+    return hasattr(CallbacksMP, "ON_DETACH") and hasattr(ModelPatcher, "add_callback")
+
+
+@functools.lru_cache(maxsize=1)  # a class, not a model
+def _patcher_class() -> type:
+    from comfy.model_patcher import ModelPatcher
+
+    callbacks = _has_detach_callbacks()
+
+    class InceptionPatcher(ModelPatcher):
+        """ComfyUI's ModelPatcher; on a ComfyUI without ``ON_DETACH`` it tells the slot of an unload."""
+
+        def unpatch_model(self, device_to=None, unpatch_weights=True):
+            out = super().unpatch_model(device_to, unpatch_weights=unpatch_weights)
+            if not callbacks and unpatch_weights:
+                _INCEPTION._on_detach(self, True)
+            return out
+
+    return InceptionPatcher
 
 
 _INCEPTION = _ManagedInception()
