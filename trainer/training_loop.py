@@ -327,10 +327,11 @@ def _accelerate_state_for_this_run() -> Iterator[None]:
     many times, so each run gets a fresh ``AcceleratorState``/``GradientState`` and the host gets
     back exactly what it had (nothing, or its own state) when the run ends.
 
-    ``PartialState`` (device, rank) and the torch.distributed process group (``accelerate launch``)
-    are kept as the run finds them: a host's are reused and survive the run; ones the run created
-    (the CLI under ``accelerate launch``) are dropped and the group destroyed at its end, so the next
-    run forms them afresh."""
+    ``PartialState`` (device, rank) holds no training setting: a host's is reused and survives the
+    run; one the run created without a process group is dropped again. A process group the run
+    formed (the CLI under ``accelerate launch``) is kept with its ``PartialState`` for the next run
+    in that process, as accelerate itself does: destroying it and forming it again on the same
+    rendezvous was flaky (gloo's reconnect raced the other rank and hung or was refused)."""
     import torch.distributed as dist
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
@@ -342,9 +343,10 @@ def _accelerate_state_for_this_run() -> Iterator[None]:
     try:
         yield
     finally:
-        if not group_before and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        formed = not group_before and dist.is_available() and dist.is_initialized()
         for d, s in zip(shared, saved):
+            if formed and d is PartialState._shared_state:
+                continue  # the group the run formed, and the state that describes it, stay
             d.clear()
             d.update(s)
 

@@ -4,8 +4,8 @@ process, recording what each rank saw in the first one.
 Observers only (the training runs unchanged): torch's global optimizer step hooks record the
 gradients the optimizer is about to apply at step 1 and the weights right after it; a pass-through
 wrapper around the loss records each micro-batch's latents. Written per rank to ``OUT/rank<r>.pt``.
-The second training (same settings, same process) forms its process group afresh (the first destroyed
-the one it formed); its file must equal the first one's. The third runs after the "host" formed the
+The second training (same settings, same process) reuses the process group the first one formed
+(kept, with its PartialState); its file must equal the first one's. The third runs after the "host" formed the
 group itself (``PartialState()``): that group and state must survive it.
 
 Usage: ``accelerate launch ... ddp_probe.py OUT SETTINGS.json`` (TrainConfig fields, output aside)
@@ -57,12 +57,12 @@ tl._diffusion_loss = _observed_loss
 rank = int(os.environ["RANK"])
 first = tl.train(TrainConfig(**{**settings, "output": str(out / "first" / "face.safetensors")}))
 record["world"] = int(os.environ["WORLD_SIZE"])
-record["group_left"] = dist.is_initialized()  # a group the run formed is destroyed at its end
+record["group_left"] = dist.is_initialized()  # a group the run formed is kept for the next run
 torch.save(record, out / f"rank{rank}.pt")
 recording = False
 second = tl.train(TrainConfig(**{**settings, "output": str(out / "second" / "face.safetensors")}))
 
-# A host that formed the process group itself (its own PartialState) keeps it through a training.
+# A host whose PartialState and process group exist before a training keeps them through it.
 from accelerate.state import PartialState  # noqa: E402
 
 host = PartialState(cpu=True)

@@ -193,10 +193,10 @@ def test_two_ranks_train_on_different_samples_and_average_their_gradients(tiny_c
     """``accelerate launch --num_processes 2``, 1 sample per rank: each rank sees its own sample,
     the optimizer on both ranks applies the same gradient, and that gradient is the mean of the
     two per-sample gradients, computed here in one process (= one process over the doubled
-    batch with the same noise), within float32 summation-order error (rtol 1e-5). After the step
-    both ranks hold identical weights, equal (rtol 1e-5) to one AdamW step with that mean
-    gradient. Two more trainings in the same launched processes write the same file: one after
-    the first destroyed the process group it formed, one in a group the "host" formed, which
+    batch with the same noise), within float32 summation-order error (rtol 1e-5, atol 1e-5 of the largest element). After the step
+    both ranks hold identical weights, equal (rtol 1e-5) to one AdamW step, in this process,
+    with that gradient. Two more trainings in the same launched processes write the same file: one after
+    the first formed the process group (kept for it), one in a group the "host" formed, which
     survives it."""
     import json
     import os
@@ -210,7 +210,9 @@ def test_two_ranks_train_on_different_samples_and_average_their_gradients(tiny_c
     accelerate = Path(sys.executable).with_name("accelerate")
     if not accelerate.exists():
         pytest.skip("accelerate CLI not installed")
-    settings = dict(model=str(tiny_ckpt), data=str(shapes), output="unused.safetensors", steps=2, batch_size=1,
+    # one latent cache for the ranks and the reference below (a VAE encode with another thread count
+    # differs in the last bit)
+    settings = dict(model=str(tiny_ckpt), data=str(shapes), output="unused.safetensors", cache_dir=str(tmp_path / "cache"), steps=2, batch_size=1,
                     resolution=64, rank=4, lr=1e-3, seed=7, max_grad_norm=0.0, save_precision="fp32")
     (tmp_path / "settings.json").write_text(json.dumps(settings))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SOURCE_DATE_EPOCH": EPOCH}
@@ -229,48 +231,55 @@ def test_two_ranks_train_on_different_samples_and_average_their_gradients(tiny_c
     for rank in range(2):
         assert f"rank {rank}: finished finished finished host-group-kept=True" in r.stdout, r.stdout
     ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2)]
-    assert [x["world"] for x in ranks] == [2, 2] and not any(x["group_left"] for x in ranks)
+    assert [x["world"] for x in ranks] == [2, 2] and all(x["group_left"] for x in ranks)
     first, second, third = (tmp_path / d / "face.safetensors" for d in ("first", "second", "third"))
     assert second.read_bytes() == first.read_bytes() == third.read_bytes()
 
     # the reference, in this process: the same model, adapter init, samples and noise
     from facediffuser.trainer.config import TrainConfig
 
-    cfg = TrainConfig(**{**settings, "output": str(tmp_path / "ref" / "face.safetensors")})
-    cpu = torch.device("cpu")
-    models = tl._load_models(cfg, cpu, torch.float32)
-    with RNGStream(tl._mix(cfg.seed, 2)):
-        named = tl._add_lora_adapters(cfg, models)
-    data = build_train_data(cfg, check_dataset(cfg), vae=models.vae, text_encoder=models.text_encoder,
-                            tokenizer=models.tokenizer, progress=False)
-    view = tl._EpochView(data.dataset)
-    models.unet.train()
-    losses = []
-    for rank in range(2):
-        batch = collate_samples([view[k] for k in tl._BatchOrder(len(view), 1, cfg.seed, rank=rank, world=2).indices(0)])
-        assert torch.equal(ranks[rank]["latents"][0], batch["latents"])  # rank r trained on its own sample
-        noise = torch.Generator().manual_seed(tl._mix(cfg.seed, 1, rank))
-        losses.append(tl._diffusion_loss(cfg, models, batch, noise, "epsilon", cpu))
-    assert not torch.equal(ranks[0]["latents"][0], ranks[1]["latents"][0])
-    params = list(named.values())
-    per_sample = [torch.autograd.grad(loss, params, retain_graph=True) for loss in losses]
-    mean = [(a + b) / 2 for a, b in zip(*per_sample)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks' thread count (OMP_NUM_THREADS=1): the same kernels, the same rounding
+    try:
+        cfg = TrainConfig(**{**settings, "output": str(tmp_path / "ref" / "face.safetensors")})
+        cpu = torch.device("cpu")
+        models = tl._load_models(cfg, cpu, torch.float32)
+        with RNGStream(tl._mix(cfg.seed, 2)):
+            named = tl._add_lora_adapters(cfg, models)
+        data = build_train_data(cfg, check_dataset(cfg), vae=models.vae, text_encoder=models.text_encoder,
+                                tokenizer=models.tokenizer, progress=False)
+        view = tl._EpochView(data.dataset)
+        models.unet.train()
+        losses = []
+        for rank in range(2):
+            batch = collate_samples([view[k] for k in tl._BatchOrder(len(view), 1, cfg.seed, rank=rank, world=2).indices(0)])
+            assert torch.equal(ranks[rank]["latents"][0], batch["latents"])  # rank r trained on its own sample
+            noise = torch.Generator().manual_seed(tl._mix(cfg.seed, 1, rank))
+            losses.append(tl._diffusion_loss(cfg, models, batch, noise, "epsilon", cpu))
+        assert not torch.equal(ranks[0]["latents"][0], ranks[1]["latents"][0])
+        params = list(named.values())
+        per_sample = [torch.autograd.grad(loss, params, retain_graph=True) for loss in losses]
+        mean = [(a + b) / 2 for a, b in zip(*per_sample)]
 
-    g0, g1 = ranks[0]["grads"], ranks[1]["grads"]
-    assert len(g0) == len(params)
-    assert all(torch.equal(a, b) for a, b in zip(g0, g1))  # the same gradient on both ranks
-    flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
-    torch.testing.assert_close(flat(g0), flat(mean), rtol=1e-5, atol=1e-8)
-    spread = (flat(per_sample[0]) - flat(per_sample[1])).abs().max()
-    assert spread > 1e3 * (flat(g0) - flat(mean)).abs().max()  # not one rank's gradient: the mean
+        g0, g1 = ranks[0]["grads"], ranks[1]["grads"]
+        assert len(g0) == len(params)
+        assert all(torch.equal(a, b) for a, b in zip(g0, g1))  # the same gradient on both ranks
+        flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
+        # float32 summation-order error scales with the largest terms summed, not with each element
+        scale = float(flat(mean).abs().max())
+        torch.testing.assert_close(flat(g0), flat(mean), rtol=1e-5, atol=1e-5 * scale)
+        spread = (flat(per_sample[0]) - flat(per_sample[1])).abs().max()
+        assert spread > 1e3 * (flat(g0) - flat(mean)).abs().max()  # not one rank's gradient: the mean
 
-    w0, w1 = ranks[0]["weights"], ranks[1]["weights"]
-    assert all(torch.equal(a, b) for a, b in zip(w0, w1))  # identical weights on both ranks
-    optimizer, _ = tl._make_optimizer(cfg, named, 2)
-    for p, g in zip(params, mean):
-        p.grad = g
-    optimizer.step()
-    torch.testing.assert_close(flat(w0), flat([p.detach() for p in params]), rtol=1e-5, atol=1e-7)
+        w0, w1 = ranks[0]["weights"], ranks[1]["weights"]
+        assert all(torch.equal(a, b) for a, b in zip(w0, w1))  # identical weights on both ranks
+        optimizer, _ = tl._make_optimizer(cfg, named, 2)
+        for p, g in zip(params, g0):  # the ranks' gradient (= the mean, above): Adam's g/sqrt(v) would blow
+            p.grad = g.clone()          # up the last-bit differences of near-zero elements
+        optimizer.step()
+        torch.testing.assert_close(flat(w0), flat([p.detach() for p in params]), rtol=1e-5, atol=1e-7)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # --- temp files and logging ---------------------------------------------------------------------------
