@@ -201,6 +201,7 @@ def test_two_ranks_train_on_different_samples_and_average_their_gradients(tiny_c
     import json
     import os
     import signal
+    import socket
     import subprocess
     import sys
 
@@ -216,8 +217,13 @@ def test_two_ranks_train_on_different_samples_and_average_their_gradients(tiny_c
                     resolution=64, rank=4, lr=1e-3, seed=7, max_grad_norm=0.0, save_precision="fp32")
     (tmp_path / "settings.json").write_text(json.dumps(settings))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SOURCE_DATE_EPOCH": EPOCH}
+    # A free port of our own: torchrun's default 29500 is shared by every run on the machine, and a
+    # second suite running this test at the same time would join (and hang) our process group.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
     proc = subprocess.Popen([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                             "--mixed_precision", "no", "--dynamo_backend", "no",
+                             "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no",
                              str(Path(__file__).with_name("ddp_probe.py")), str(tmp_path), str(tmp_path / "settings.json")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
