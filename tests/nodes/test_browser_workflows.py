@@ -362,7 +362,8 @@ def test_template_browser_shows_our_thumbnails(ui: Frontend, env: Env, artifacts
     page.remove_listener("response", record)
     # 1.27.10 fetches the thumbnail and shows it through a blob: URL
     for name in WORKFLOWS:
-        assert (200, f"/api/workflow_templates/{srv.pack_name}/{name}.jpg") in fetched, (name, fetched)
+        jpg_path = f"/workflow_templates/{srv.pack_name}/{name}.jpg"
+        assert any(st == 200 and path.endswith(jpg_path) for st, path in fetched), (name, fetched)
         assert [i["width"] for i in shown[name]] == [thumbs[name]], shown[name]
     ui.screenshot(artifacts / "templates.png")
     # and a click on a card loads that workflow
