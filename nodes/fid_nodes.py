@@ -181,8 +181,22 @@ class _ManagedInception:
     def _on_detach(self, patcher: Any, unpatch_all: bool = True) -> None:
         # A partial unload or a re-load detaches without unpatch_all: only a full unload lets go.
         if unpatch_all and self._patcher is patcher:
+            _detach_cleanup_finalizer(patcher)
             self.clear()
             log.debug("FaceDiffuser FID: Inception unloaded by ComfyUI")
+
+
+def _detach_cleanup_finalizer(patcher: Any) -> None:
+    """Today's ComfyUI runs ``cleanup_models()`` when a loaded module is garbage-collected; our
+    module dies as soon as the slot lets go, inside ComfyUI's own unload, which would then remove
+    its entry twice (``IndexError`` in ``free_memory``). The finalizer is detached first, as
+    ``LoadedModel.model_unload`` does itself right after the detach."""
+    import comfy.model_management as mm
+
+    for loaded in list(mm.current_loaded_models):
+        finalizer = getattr(loaded, "model_finalizer", None)
+        if finalizer is not None and loaded.model is patcher:
+            finalizer.detach()
 
 
 def _has_detach_callbacks() -> bool:
