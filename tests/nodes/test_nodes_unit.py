@@ -512,3 +512,20 @@ def test_kid_defaults_and_resize_modes_have_one_definition(fake_folder_paths) ->
     assert cfg.kid_seed == DEFAULT_SEED and table.resize == DEFAULT_RESIZE
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "fid", "a", "b", "--resize", "bicubic"])
+
+
+def test_fid_inception_lives_under_comfyuis_model_management(comfyui_dir, inception_weights) -> None:
+    """The FID nodes' Inception is one of ComfyUI's loaded models: it stays loaded from one prompt
+    to the next, "unload models" frees it (no module-level cache keeps it), the next run loads it
+    again with the same features. Real ComfyUI model management, in a subprocess."""
+    import json
+
+    probe = Path(__file__).with_name("fid_slot_probe.py")
+    r = subprocess.run([sys.executable, str(probe), str(comfyui_dir), str(inception_weights)],
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen = json.loads(r.stdout.strip().splitlines()[-1])
+    loaded = {"alive": 1, "loaded": ["FIDInceptionV3"]}
+    assert seen == {"loaded": loaded, "after_prompt": loaded, "reused": True,
+                    "unloaded": {"alive": 0, "loaded": []}, "reloaded_equal": True, "reloaded": loaded}, seen
