@@ -384,3 +384,14 @@ def test_no_cache_mode_yields_pixels(tmp_path, vae, tokenizer, text_encoder):
     s = td.dataset[1]
     ref = prepare_image(data / "img1.png", RES, flip=s["flipped"])
     assert torch.equal(s["pixel_values"], ref) and "input_ids" in s
+
+
+def test_filling_the_cache_draws_nothing_from_the_global_rng(tmp_path, vae, tokenizer, text_encoder):
+    """A cold cache and a warm one must leave the training's global RNG (LoRA dropout) in the same state."""
+    data = _images(tmp_path / "data")
+    cfg = _cfg(tmp_path, data)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    build = _build(cfg, vae, text_encoder, tokenizer)
+    assert build.stats.latent_misses == 3  # it really encoded
+    assert torch.equal(torch.get_rng_state(), before)
