@@ -19,8 +19,10 @@ against ~10 us for one tensor out of a single big file, which cannot be appended
 
 Keys (sha256 of a small JSON document, so any change of an input gives a new file):
 
-* latents: image bytes (sha256), VAE fingerprint, resolution, flipped or not, the crop rule, format version;
-* masks: mask bytes, resolution, latent size, flipped or not;
+* latents: image bytes (sha256), VAE fingerprint, resolution, flipped or not, the crop rule, format version,
+  and the bucket size when it is not the square ``resolution × resolution`` (aspect-ratio buckets;
+  square entries keep their keys, so a cache filled without buckets stays valid with them);
+* masks: mask bytes, resolution, latent size, flipped or not (and the bucket's latent size, likewise);
 * text: caption text, text-encoder fingerprint, tokenizer fingerprint, which output is cached.
 
 Model fingerprint (:func:`module_fingerprint`): sha256 over every tensor's name, shape and dtype,
@@ -58,6 +60,7 @@ from .dataset import ImageRecord, prepare_image, prepare_mask
 if TYPE_CHECKING:
     import torch
 
+    from .buckets import BucketPlan
     from .config import TrainConfig
     from .dataset import DatasetScan
 
@@ -240,8 +243,9 @@ class LatentBuild:
 class _PrepViews:
     """Decodes the images that miss the cache (in DataLoader workers when asked)."""
 
-    def __init__(self, items: list[tuple[int, ImageRecord, bool, bool]], resolution: int) -> None:
-        self.items, self.resolution = items, resolution
+    def __init__(self, items: list[tuple[int, ImageRecord, bool, bool]], resolution: int,
+                 sizes: Sequence[tuple[int, int]] | None = None) -> None:
+        self.items, self.resolution, self.sizes = items, resolution, sizes
 
     def __len__(self) -> int:
         return len(self.items)
@@ -249,7 +253,7 @@ class _PrepViews:
     def __getitem__(self, i: int) -> tuple[int, "torch.Tensor | None", str]:
         idx, rec, _, _ = self.items[i]
         try:
-            return idx, prepare_image(rec.path, self.resolution), ""
+            return idx, prepare_image(rec.path, self.resolution, size=self.sizes[idx] if self.sizes else None), ""
         except BadImage as exc:
             return idx, None, str(exc)
 
@@ -276,32 +280,48 @@ class LatentCache:
         factor = 2 ** (len(cfg.block_out_channels) - 1)
         if resolution % factor:
             raise UserError(f"--resolution {resolution} is not a multiple of the VAE's downscale factor {factor}")
+        self.factor = factor
         self.latent_size = resolution // factor
         self.scaling_factor = float(getattr(cfg, "scaling_factor", 1.0) or 1.0)
         self.shift_factor = float(getattr(cfg, "shift_factor", None) or 0.0)
 
-    def latent_path(self, image_sha256: str, flipped: bool) -> Path:
+    def _bucket(self, size: tuple[int, int] | None) -> dict[str, Any]:
+        """The extra key part of a bucket size (none for the square: old keys stay valid)."""
+        if size is None or tuple(size) == (self.resolution, self.resolution):
+            return {}
+        if size[0] % self.factor or size[1] % self.factor:
+            raise UserError(f"bucket {size[0]}x{size[1]} is not a multiple of the VAE's downscale factor {self.factor}")
+        return {"bucket": [int(size[0]), int(size[1])]}
+
+    def latent_path(self, image_sha256: str, flipped: bool, size: tuple[int, int] | None = None) -> Path:
+        """The entry of one view; ``size=(w, h)``: at that bucket size instead of the square."""
         key = _key(kind="latent", image=image_sha256, model=self.fingerprint, resolution=self.resolution,
-                   flipped=flipped, crop=_CROP_RULE)
+                   flipped=flipped, crop=_CROP_RULE, **self._bucket(size))
         return _entry_path(self.root, "latents", key)
 
-    def mask_path(self, mask_sha256: str, flipped: bool) -> Path:
+    def mask_path(self, mask_sha256: str, flipped: bool, size: tuple[int, int] | None = None) -> Path:
         key = _key(kind="mask", mask=mask_sha256, resolution=self.resolution, size=self.latent_size,
-                   flipped=flipped, crop=_CROP_RULE)
+                   flipped=flipped, crop=_CROP_RULE, **self._bucket(size))
         return _entry_path(self.root, "masks", key)
 
-    def ensure(self, images: Sequence[ImageRecord], *, flip: bool = False) -> LatentBuild:
-        """Encode every view that is not cached yet; images must carry ``sha256`` (check_dataset)."""
+    def ensure(self, images: Sequence[ImageRecord], *, flip: bool = False,
+               sizes: Sequence[tuple[int, int]] | None = None) -> LatentBuild:
+        """Encode every view that is not cached yet; images must carry ``sha256`` (check_dataset).
+
+        ``sizes``: each image's bucket ``(w, h)`` in pixels (:mod:`.buckets`); default the square."""
         import torch
         from tqdm.auto import tqdm
 
+        if sizes is not None and len(sizes) != len(images):
+            raise ValueError(f"{len(images)} images but {len(sizes)} bucket sizes")
         planned: list[LatentEntry] = []
         todo: list[tuple[int, ImageRecord, bool, bool]] = []  # (index, record, need plain, need flipped)
         for i, rec in enumerate(images):
             if not rec.sha256:
                 raise ValueError(f"{rec.path}: ImageRecord without sha256; run check_dataset first")
-            plain = self.latent_path(rec.sha256, False)
-            mirrored = self.latent_path(rec.sha256, True) if flip else None
+            size = sizes[i] if sizes is not None else None
+            plain = self.latent_path(rec.sha256, False, size)
+            mirrored = self.latent_path(rec.sha256, True, size) if flip else None
             need = (not plain.exists(), mirrored is not None and not mirrored.exists())
             views = 1 + (mirrored is not None)
             misses = sum(need)
@@ -311,13 +331,15 @@ class LatentCache:
                 todo.append((i, rec, *need))
             m = mf = None
             if rec.mask_path is not None and rec.mask_sha256:
-                m = self.mask_path(rec.mask_sha256, False)
-                mf = self.mask_path(rec.mask_sha256, True) if flip else None
+                m = self.mask_path(rec.mask_sha256, False, size)
+                mf = self.mask_path(rec.mask_sha256, True, size) if flip else None
             planned.append(LatentEntry(plain, mirrored, m, mf))
 
         failed: dict[int, str] = {}
         if todo:
-            loader = torch.utils.data.DataLoader(_PrepViews(todo, self.resolution), batch_size=self.batch_size,
+            if sizes is not None:  # one bucket after another, so the VAE batches are mostly of one shape
+                todo.sort(key=lambda item: (tuple(sizes[item[0]]), item[0]))
+            loader = torch.utils.data.DataLoader(_PrepViews(todo, self.resolution, sizes), batch_size=self.batch_size,
                                                  num_workers=self.num_workers, collate_fn=_collate_list,
                                                  generator=torch.Generator().manual_seed(0))  # not the global RNG
             needs = {i: (p, f) for i, _, p, f in todo}
@@ -335,11 +357,12 @@ class LatentCache:
                         if need_flip:
                             views.append(pixels.flip(-1))
                             targets.append(planned[idx].latents_flipped)
-                    if views:
-                        self._encode_and_save(views, targets)
+                    for shape in dict.fromkeys(v.shape for v in views):  # one VAE call per bucket size
+                        group = [k for k, v in enumerate(views) if v.shape == shape]
+                        self._encode_and_save([views[k] for k in group], [targets[k] for k in group])
                     bar.update(len(batch))
 
-        self._ensure_masks(images, planned, failed)
+        self._ensure_masks(images, planned, failed, sizes)
         kept = [i for i in range(len(images)) if i not in failed]
         return LatentBuild(entries=[planned[i] for i in kept], images=[images[i] for i in kept], kept=kept,
                            skipped=[f"{images[i].path}: {why}" for i, why in sorted(failed.items())])
@@ -357,10 +380,12 @@ class LatentCache:
             atomic_save({"mean": mean[k], "std": std[k]}, path,
                         {"format": f"facediffuser-latent-{CACHE_VERSION}", "resolution": str(self.resolution)})
 
-    def _ensure_masks(self, images: Sequence[ImageRecord], planned: list[LatentEntry], failed: dict[int, str]) -> None:
+    def _ensure_masks(self, images: Sequence[ImageRecord], planned: list[LatentEntry], failed: dict[int, str],
+                      sizes: Sequence[tuple[int, int]] | None = None) -> None:
         for i, (rec, entry) in enumerate(zip(images, planned)):
             if entry.mask is None or i in failed:
                 continue
+            latent = self.latent_size if sizes is None else (sizes[i][0] // self.factor, sizes[i][1] // self.factor)
             for path, flipped in ((entry.mask, False), (entry.mask_flipped, True)):
                 if path is None:
                     continue
@@ -368,7 +393,7 @@ class LatentCache:
                     self.stats.mask_hits += 1
                     continue
                 self.stats.mask_misses += 1
-                atomic_save({"mask": prepare_mask(rec.mask_path, self.latent_size, flip=flipped)}, path,
+                atomic_save({"mask": prepare_mask(rec.mask_path, latent, flip=flipped)}, path,
                             {"format": f"facediffuser-mask-{CACHE_VERSION}"})
 
 
@@ -490,22 +515,27 @@ class ImageDataset(_CaptionedDataset):
     def __init__(self, images: Sequence[ImageRecord], captions: Sequence[str], *, resolution: int,
                  latent_size: int, seed: int = 0, flip: bool = False, tokenizer: Any | None = None,
                  text_embeddings: Mapping[str, Path] | None = None, caption_dropout: float = 0.0,
-                 shuffle_tags: bool = False, keep_tokens: int = 0) -> None:
+                 shuffle_tags: bool = False, keep_tokens: int = 0,
+                 sizes: Sequence[tuple[int, int]] | None = None) -> None:
         if len(images) != len(captions):
             raise ValueError("images and captions differ in length")
         super().__init__(captions, seed=seed, flip=flip, caption_dropout=caption_dropout, shuffle_tags=shuffle_tags,
                          keep_tokens=keep_tokens, tokenizer=tokenizer, text_embeddings=text_embeddings)
         self.images, self.resolution, self.latent_size = list(images), resolution, latent_size
+        self.sizes = list(sizes) if sizes is not None else None  # bucket (w, h) per image, or the square
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         g = sample_generator(self.seed, self.epoch, index)
         rec = self.images[index]
         flipped = self._flip(g)
+        size = self.sizes[index] if self.sizes is not None else None
         try:
-            pixels = prepare_image(rec.path, self.resolution, flip=flipped)
+            pixels = prepare_image(rec.path, self.resolution, flip=flipped, size=size)
         except BadImage as exc:
             raise UserError(f"{rec.path}: {exc}") from None
-        mask = prepare_mask(rec.mask_path, self.latent_size, flip=flipped) if rec.mask_path is not None else None
+        factor = self.resolution // self.latent_size
+        latent = self.latent_size if size is None else (size[0] // factor, size[1] // factor)
+        mask = prepare_mask(rec.mask_path, latent, flip=flipped) if rec.mask_path is not None else None
         return {"pixel_values": pixels, **self._text(index, g), "face_mask": mask, "flipped": flipped, "index": index}
 
 
@@ -547,6 +577,7 @@ class TrainData:
     stats: CacheStats
     skipped: list[str]  # images dropped while encoding (decode failures check_dataset could not see)
     pre_encoded: bool  # samples carry encoder_hidden_states (else input_ids: the loop encodes)
+    buckets: "BucketPlan | None" = None  # each image's training size (aspect-ratio buckets), same order as images
 
     @property
     def image_hashes(self) -> list[str]:
@@ -568,23 +599,28 @@ def build_train_data(config: "TrainConfig", scan: "DatasetScan", *, vae: "torch.
     it first (accelerate's ``main_process_first``); the other ranks then only hit. Entries are
     atomic, so concurrent fills are safe too, just wasteful.
     """
+    from .buckets import plan_for_config
+
     stats = CacheStats()
     root = config.cache_path
     common = dict(seed=config.seed, flip=config.flip, caption_dropout=config.caption_dropout,
                   shuffle_tags=config.shuffle_tags, keep_tokens=config.keep_tokens)
     images, captions = list(scan.images), list(scan.captions)
+    plan = plan_for_config(config, images)
+    sizes = list(plan.sizes) if plan.enabled else None
     skipped: list[str] = []
     if config.no_cache:
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         dataset: CachedLatentDataset | ImageDataset = ImageDataset(
             images, captions, resolution=config.resolution, latent_size=config.resolution // factor,
-            tokenizer=tokenizer, **common)
+            tokenizer=tokenizer, sizes=sizes, **common)
     else:
         latents = LatentCache(root, vae, resolution=config.resolution, num_workers=config.dataloader_workers,
                               batch_size=encode_batch_size, progress=progress, stats=stats)
-        build = latents.ensure(images, flip=config.flip)
+        build = latents.ensure(images, flip=config.flip, sizes=sizes)
         images, skipped = build.images, build.skipped
         captions = [captions[i] for i in build.kept]
+        plan = plan.subset(build.kept)
         if not images:
             raise UserError(f"none of the images in {config.data} could be decoded (e.g. {skipped[0]})")
         text_paths = None
@@ -595,4 +631,4 @@ def build_train_data(config: "TrainConfig", scan: "DatasetScan", *, vae: "torch.
                                       shift_factor=latents.shift_factor, text_embeddings=text_paths,
                                       tokenizer=None if text_paths is not None else tokenizer, **common)
     return TrainData(dataset=dataset, images=images, captions=captions, stats=stats, skipped=skipped,
-                     pre_encoded=dataset.pre_encoded)
+                     pre_encoded=dataset.pre_encoded, buckets=plan)

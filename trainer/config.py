@@ -97,13 +97,17 @@ class TrainConfig:
     lora_dropout: float = field(default=0.0, metadata=_opt("Dropout on the LoRA branch during training.", weights=True, resume=False, ss="ss_network_dropout", lo=0.0, hi=0.99, step=0.01, metavar="P"))
     conv_rank: int = field(default=0, metadata=_opt("Also train LoCon adapters on ResNet 3x3 convs with this rank (0 = off, kohya's default).", weights=True, resume=False, ss="ss_network_args", lo=0, hi=1024, metavar="R"))
     conv_alpha: float | None = field(default=None, metadata=_opt("Alpha of the conv adapters (default: conv alpha = conv rank).", weights=True, resume=False, ss="ss_network_args", lo=0.0, hi=4096.0, step=0.5, metavar="A"))
+    dora: bool = field(default=False, metadata=_opt("DoRA (weight-decomposed LoRA): also train a magnitude per output channel; saved as kohya/LyCORIS dora_scale, which ComfyUI and Forge load.", group="basic", weights=True, resume=False, ss="ss_network_module"))
     train_text_encoder: bool = field(default=False, metadata=_opt("Also train LoRA adapters on the CLIP text encoder (disables the text-embedding cache; load the LoRA with model + clip).", group="basic", weights=True, resume=False, ss="facediffuser_train_text_encoder"))
 
     # --- optimisation -------------------------------------------------------------------------
-    lr: float = field(default=1e-4, metadata=_opt("Learning rate of the UNet adapters.", group="basic", weights=True, resume=False, ss="ss_learning_rate", lo=0.0, step=1e-6, metavar="LR"))
+    lr: float = field(default=1e-4, metadata=_opt("Learning rate of the UNet adapters; with --optimizer prodigy a multiplier of the step size Prodigy estimates (use 1; tune --prodigy-d-coef instead).", group="basic", weights=True, resume=False, ss="ss_learning_rate", lo=0.0, step=1e-6, metavar="LR"))
     text_encoder_lr: float | None = field(default=None, metadata=_opt("Learning rate of the text-encoder adapters (default: --lr).", weights=True, resume=False, ss="ss_text_encoder_lr", lo=0.0, step=1e-6, metavar="LR"))
-    optimizer: str = field(default="adamw", metadata=_opt("Optimizer; adamw8bit needs bitsandbytes.", weights=True, resume=False, ss="ss_optimizer", choices=("adamw", "adamw8bit")))
+    optimizer: str = field(default="adamw", metadata=_opt("Optimizer; adamw8bit needs bitsandbytes; prodigy (learning-rate free: set --lr 1) needs prodigyopt.", weights=True, resume=False, ss="ss_optimizer", choices=("adamw", "adamw8bit", "prodigy")))
     weight_decay: float = field(default=1e-2, metadata=_opt("AdamW weight decay.", weights=True, resume=False, ss="ss_optimizer", lo=0.0, hi=1.0, step=0.001, metavar="W"))
+    prodigy_d_coef: float = field(default=1.0, metadata=_opt("Prodigy: scales its step-size estimate (2 = bolder, 0.5 = more careful).", weights=True, resume=False, ss="ss_optimizer", lo=0.01, hi=100.0, step=0.1, metavar="X"))
+    prodigy_safeguard_warmup: bool = field(default=True, metadata=_opt("Prodigy: keep the warm-up from inflating its estimate (its authors advise it for diffusion models).", weights=True, resume=False, ss="ss_optimizer"))
+    prodigy_use_bias_correction: bool = field(default=True, metadata=_opt("Prodigy: Adam's bias correction (its authors advise it for diffusion models).", weights=True, resume=False, ss="ss_optimizer"))
     lr_scheduler: str = field(default="constant", metadata=_opt("Learning-rate schedule after warm-up.", weights=True, resume=False, ss="ss_lr_scheduler", choices=("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")))
     lr_warmup_steps: int = field(default=0, metadata=_opt("Linear warm-up steps.", weights=True, resume=False, ss="ss_lr_warmup_steps", lo=0, hi=1_000_000, metavar="N"))
     batch_size: int = field(default=1, metadata=_opt("Images per step per process.", group="basic", weights=True, resume=False, ss="ss_batch_size_per_device", lo=1, hi=1024, metavar="B"))
@@ -118,7 +122,11 @@ class TrainConfig:
     face_loss_weight: float = field(default=1.0, metadata=_opt("Weight of the loss inside the face mask (needs prep's face masks); 1 = plain loss.", weights=True, resume=False, ss="facediffuser_face_loss_weight", lo=0.0, hi=100.0, step=0.1, metavar="W"))
 
     # --- data ---------------------------------------------------------------------------------
-    resolution: int = field(default=512, metadata=_opt("Training resolution in pixels (a multiple of 8); images are resized (short side) and centre-cropped to a square.", group="basic", weights=True, resume=False, ss="ss_resolution", lo=64, hi=4096, step=8, metavar="PX"))
+    resolution: int = field(default=512, metadata=_opt("Training resolution in pixels (a multiple of 8); with --no-buckets images are resized (short side) and centre-cropped to a square.", group="basic", weights=True, resume=False, ss="ss_resolution", lo=64, hi=4096, step=8, metavar="PX"))
+    buckets: bool = field(default=True, metadata=_opt("Aspect-ratio buckets: each image keeps its shape in a bucket of about --resolution squared pixels (sides multiples of 64), batches drawn within one bucket; --no-buckets centre-crops every image to a square. Square images train the same either way.", group="basic", weights=True, resume=False, ss="ss_enable_bucket"))
+    min_bucket_reso: int | None = field(default=None, metadata=_opt("Shortest bucket side in pixels, a multiple of 64 (default: half the resolution, at least 64).", weights=True, resume=False, ss="ss_min_bucket_reso", lo=64, hi=4096, step=64, metavar="PX"))
+    max_bucket_reso: int | None = field(default=None, metadata=_opt("Longest bucket side in pixels, a multiple of 64 (default: twice the resolution).", weights=True, resume=False, ss="ss_max_bucket_reso", lo=64, hi=8192, step=64, metavar="PX"))
+    bucket_no_upscale: bool = field(default=False, metadata=_opt("With buckets: never upscale; an image smaller than the bucket area gets a bucket of its own size (rounded down to 64).", weights=True, resume=False, ss="ss_bucket_no_upscale"))
     flip: bool = field(default=False, metadata=_opt("Random horizontal flip (both latents are cached).", weights=True, resume=False, ss="ss_flip_aug"))
     caption_template: str = field(default="a photo of a face", metadata=_opt("Caption for images without a caption file.", group="basic", weights=True, resume=False, ss="facediffuser_caption_template", metavar="TEXT"))
     trigger: str | None = field(default=None, metadata=_opt("Trigger word prepended to every caption (recorded in the file).", group="basic", weights=True, resume=False, ss="facediffuser_trigger", metavar="WORD"))
@@ -127,6 +135,12 @@ class TrainConfig:
     shuffle_tags: bool = field(default=False, metadata=_opt("Shuffle comma-separated caption tags each time (after the first --keep-tokens).", weights=True, resume=False, ss="ss_shuffle_caption"))
     keep_tokens: int = field(default=0, metadata=_opt("With --shuffle-tags, keep this many leading tags in place.", weights=True, resume=False, ss="ss_keep_tokens", lo=0, hi=1000, metavar="N"))
     dataloader_workers: int = field(default=0, metadata=_opt("DataLoader worker processes (the data is the same with any number).", weights=False, resume=True, lo=0, hi=64, metavar="N"))
+
+    # --- held-out validation ------------------------------------------------------------------
+    validation_split: float = field(default=0.0, metadata=_opt("Hold out this fraction of the images (picked from their contents and --seed) for a validation loss; 0 = off.", group="basic", weights=True, resume=False, ss="ss_validation_split", lo=0.0, hi=0.9, step=0.05, metavar="F"))
+    validation_data: str | None = field(default=None, metadata=_opt("Folder of held-out images (captions as for --data) for the validation loss, instead of --validation-split.", group="paths", weights=False, resume=False, ss="facediffuser_validation_data", metavar="DIR"))
+    validation_every: int = field(default=50, metadata=_opt("Compute the validation loss every N steps (and before the first and after the last step).", weights=False, resume=True, ss="ss_validate_every_n_steps", lo=1, hi=1_000_000, metavar="N"))
+    keep_best_validation: bool = field(default=False, metadata=_opt("Also write <output stem>.best.safetensors: the adapter at the step with the lowest validation loss.", weights=False, resume=False, ss="facediffuser_keep_best_validation"))
 
     # --- performance --------------------------------------------------------------------------
     mixed_precision: str = field(default="no", metadata=_opt("Mixed precision (fp16 needs a GPU; bf16 a GPU or a CPU with AVX-512 BF16).", weights=True, resume=False, ss="ss_mixed_precision", choices=("no", "fp16", "bf16")))
@@ -168,7 +182,12 @@ class TrainConfig:
             check_range(spec, value)
         if self.resolution % 8:
             raise SettingError("resolution", f"--resolution must be a multiple of 8 (got {self.resolution})")
+        _check_feature_settings(self)
         return self
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.validation_split) or bool(self.validation_data)
 
     @property
     def effective_alpha(self) -> float:
@@ -203,6 +222,36 @@ class TrainConfig:
         if unknown:
             raise UserError(f"{source}: unknown setting(s) {', '.join(unknown)}; see facediffuser train --help")
         return cls(**{k: check_value(specs[k], v, where=f"{source}: {k}") for k, v in values.items()})
+
+
+def _check_feature_settings(config: TrainConfig) -> None:
+    """Validation split/folder, Prodigy's learning rate and the bucket limits, one line each."""
+    if config.validation_split and config.validation_data:
+        raise SettingError("validation_data", "give either --validation-split or --validation-data, not both")
+    if config.validation_data and Path(config.validation_data).resolve() == Path(config.data).resolve():
+        raise SettingError("validation_data", f"--validation-data {config.validation_data} is the training folder: "
+                           "give a folder of held-out images, or use --validation-split")
+    if config.keep_best_validation and not config.has_validation:
+        raise SettingError("keep_best_validation", "--keep-best-validation needs a validation set: add --validation-split F "
+                           "or --validation-data DIR")
+    if config.optimizer == "prodigy" and config.lr < 0.1:
+        raise SettingError("lr", f"--optimizer prodigy takes --lr as a multiplier of its own step-size estimate: set --lr 1 "
+                           f"(got {config.lr:g}, an AdamW learning rate)")
+    for name in ("min_bucket_reso", "max_bucket_reso"):
+        value = getattr(config, name)
+        if value is not None and value % 64:
+            raise SettingError(name, f"--{name.replace('_', '-')} must be a multiple of 64 (got {value})")
+    lo, hi = bucket_limits(config)
+    if config.buckets and not lo <= hi:
+        raise SettingError("min_bucket_reso", f"--min-bucket-reso {lo} is larger than --max-bucket-reso {hi}")
+
+
+def bucket_limits(config: TrainConfig) -> tuple[int, int]:
+    """(shortest, longest) bucket side: the settings, or half and twice the resolution (sd-scripts'
+    256/1024 at 512 px), on the 64-pixel grid."""
+    lo = config.min_bucket_reso if config.min_bucket_reso is not None else max(64, config.resolution // 2 // 64 * 64)
+    hi = config.max_bucket_reso if config.max_bucket_reso is not None else max(64, config.resolution * 2 // 64 * 64)
+    return lo, hi
 
 
 # --- the specs --------------------------------------------------------------------------------------

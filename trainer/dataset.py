@@ -13,8 +13,9 @@
 * :func:`prepare_image` decodes an image with :func:`..image_files.load_rgb` (EXIF orientation
   applied, converted to 8-bit RGB: CMYK, 16-bit, grayscale, palette; transparency composited on
   white), **centre-cropped to the largest square, then resized to ``resolution`` with Lanczos** (the same
-  result as "resize the short side, then centre-crop", in one antialiased resample). There is no
-  aspect-ratio bucketing: FFHQ-style face data is square and aligned; other photos lose their edges.
+  result as "resize the short side, then centre-crop", in one antialiased resample) — or, with
+  aspect-ratio buckets (:mod:`.buckets`), centre-cropped to its bucket's aspect ratio and resized
+  to the bucket (``size=(w, h)``), so a portrait keeps its forehead and chin.
 
 Images whose short side is below ``resolution / 4`` (:func:`min_side_for`) are skipped as too small
 to teach anything but blur; images between that and ``resolution`` are upscaled.
@@ -279,12 +280,14 @@ def skip_summary(skipped: Iterable[tuple[Path, str]], data_dir: Path, resolution
 
 # --- preparation --------------------------------------------------------------------------------
 
-def fit_square(img: "Image.Image", size: int, resample: int | None = None) -> "Image.Image":
-    """Centre-crop the largest square and resize it to ``size`` (antialiased Lanczos by default)."""
+def fit_square(img: "Image.Image", size: int | tuple[int, int], resample: int | None = None) -> "Image.Image":
+    """Centre-crop the largest region of the target's aspect ratio and resize it to ``size`` (an int:
+    a square; or ``(width, height)``, a bucket), antialiased Lanczos by default."""
     from PIL import Image, ImageOps
 
     resample = Image.Resampling.LANCZOS if resample is None else resample
-    return ImageOps.fit(img, (size, size), method=resample, centering=(0.5, 0.5))
+    wh = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return ImageOps.fit(img, wh, method=resample, centering=(0.5, 0.5))
 
 
 def pil_to_tensor(img: "Image.Image") -> "torch.Tensor":
@@ -297,15 +300,17 @@ def pil_to_tensor(img: "Image.Image") -> "torch.Tensor":
     return (t / 127.5 - 1.0).contiguous()
 
 
-def prepare_image(path: str | os.PathLike, resolution: int, *, flip: bool = False) -> "torch.Tensor":
-    """The training view of an image: (3, resolution, resolution) float32 in [-1, 1]."""
-    img = fit_square(load_rgb(path), resolution)
+def prepare_image(path: str | os.PathLike, resolution: int, *, flip: bool = False,
+                  size: tuple[int, int] | None = None) -> "torch.Tensor":
+    """The training view of an image: (3, resolution, resolution) float32 in [-1, 1], or
+    (3, h, w) for a bucket ``size=(w, h)``."""
+    img = fit_square(load_rgb(path), size if size is not None else resolution)
     t = pil_to_tensor(img)
     return t.flip(-1).contiguous() if flip else t
 
 
-def prepare_mask(path: str | os.PathLike, size: int, *, flip: bool = False) -> "torch.Tensor":
-    """A face mask at ``size`` x ``size`` (latent size): (1, size, size) float32 in [0, 1].
+def prepare_mask(path: str | os.PathLike, size: int | tuple[int, int], *, flip: bool = False) -> "torch.Tensor":
+    """A face mask at ``size`` x ``size`` (latent size; ``(w, h)`` for a bucket): (1, h, w) float32 in [0, 1].
 
     Read by :func:`..faces.masks.read_mask`; the same centre crop as the image, area-averaged (box
     filter) so a latent cell holds the fraction of its pixels that are face.

@@ -13,6 +13,9 @@ An adapter is data. This module converts it between two shapes, with pure functi
   ``[out, r(, 1, 1)]``; the SD1.5 ``proj_in``/``proj_out`` 1x1 convs stay 4-D, kohya refuses 2-D).
   ``alpha`` is a 0-d float32 tensor holding the *true* alpha, so every loader computes
   ``ΔW = multiplier · alpha / r · up @ down`` — the same update peft applied during training.
+* **DoRA** (peft ``use_dora=True``): each module also holds peft's ``lora_magnitude_vector``, written
+  as ``<module>.dora_scale`` (float32) in LyCORIS's output-channel layout ``[out, 1]`` /
+  ``[out, 1, 1, 1]`` that ComfyUI and Forge read; see the comment above :func:`dora_merged_weight`.
 
 Files: :func:`save_kohya_lora` writes atomically with string metadata from :func:`build_metadata`
 (the settings' own keys from :func:`settings_metadata`, driven by ``config.setting_specs()``; the
@@ -51,7 +54,9 @@ TE_READ_PREFIXES = ("lora_te_", "lora_te1_")  # lora_te1_ is diffusers' convert_
 TE_PATH_ROOT = "text_model."  # kohya's (transformers 4) CLIP module root; always in the key
 
 DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
-KOHYA_SUFFIXES = (DOWN, UP, ALPHA)
+DORA_SCALE = "dora_scale"  # DoRA's magnitude (LyCORIS wd_on_output layout: [out, 1] / [out, 1, 1, 1])
+KOHYA_SUFFIXES = (DOWN, UP, ALPHA, DORA_SCALE)
+FLOAT32_SUFFIXES = (ALPHA, DORA_SCALE)  # saved float32 whatever the save precision
 
 # Metadata keys of our own (the evaluator's overlap guard reads them).
 META_TRIGGER = "facediffuser_trigger"
@@ -65,6 +70,9 @@ META_TRAIN_DATA = "facediffuser_train_data_sha256"
 MODEL_HASH_CACHE = "model_hashes.json"  # in the training cache folder: {path: {size, mtime_ns, ...}}
 
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+# peft's DoRA magnitude: ``<module>.lora_magnitude_vector`` in get_peft_model_state_dict, with the
+# adapter name and ``.weight`` in named_parameters
+_PEFT_MAGNITUDE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
 
 # Multi-word tokens of diffusers / transformers module paths. Reading a kohya name back splits it at
 # '_' and re-joins these greedily (longest first); every other token is its own path component.
@@ -131,25 +139,70 @@ def parse_kohya_module_name(name: str, *, te_text_model: bool = False) -> tuple[
 # --- peft <-> kohya -----------------------------------------------------------------------------
 
 def _group_peft(sd: Mapping[str, "torch.Tensor"], what: str) -> dict[str, dict[str, "torch.Tensor"]]:
-    """``{module: {"A": tensor, "B": tensor}}``, checked for completeness and matching ranks."""
+    """``{module: {"A": tensor, "B": tensor, "M"?: DoRA magnitude}}``, checked for completeness and
+    matching ranks."""
     modules: dict[str, dict[str, Any]] = {}
     adapters: set[str] = set()
     for key, tensor in sd.items():
         m = _PEFT_KEY.match(key)
+        kind = m["ab"] if m else None
         if not m:
-            raise UserError(f"{what} LoRA state dict has an unsupported key {key!r} (only lora_A/lora_B weights are supported: no DoRA, biases or embeddings)")
+            m = _PEFT_MAGNITUDE.match(key)
+            kind = "M"
+        if not m:
+            raise UserError(f"{what} LoRA state dict has an unsupported key {key!r} (only lora_A/lora_B weights and DoRA magnitudes are supported: no biases or embeddings)")
         if m["adapter"]:
             adapters.add(m["adapter"])
-        modules.setdefault(m["module"].removeprefix("base_model.model."), {})[m["ab"]] = tensor
+        modules.setdefault(m["module"].removeprefix("base_model.model."), {})[kind] = tensor
     if len(adapters) > 1:
         raise UserError(f"{what} LoRA state dict holds several adapters ({', '.join(sorted(adapters))}); pass one")
     for module, ab in modules.items():
-        if set(ab) != {"A", "B"}:
+        if not {"A", "B"} <= set(ab):
             raise UserError(f"{what} LoRA module {module!r} lacks its lora_{'B' if 'A' in ab else 'A'} weight")
         a, b = ab["A"], ab["B"]
         if a.dim() not in (2, 4) or b.dim() != a.dim() or b.shape[1] != a.shape[0]:
             raise UserError(f"{what} LoRA module {module!r} has mismatched shapes lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)}")
+        if "M" in ab and ab["M"].numel() != b.shape[0]:
+            raise UserError(f"{what} DoRA module {module!r} has a magnitude of {ab['M'].numel()} values for {b.shape[0]} output channels")
     return modules
+
+
+# DoRA (peft ``use_dora=True``): W' = m · (W + s·ΔW) / ‖W + s·ΔW‖, the norm taken per output channel
+# (over each row of a Linear weight, over in×kh×kw of a Conv2d one). peft keeps m as
+# ``lora_magnitude_vector``: [out] for Linear, [1, out, 1, 1] for Conv2d. The kohya file stores it
+# as ``dora_scale`` the way LyCORIS does for ``wd_on_output=True``: [out, 1] / [out, 1, 1, 1], the
+# shape ComfyUI and Forge (``weight_decompose``: dora_scale.shape[0] == out) read as the output axis.
+# The input-axis layout ([1, in], LyCORIS's old default, the one A1111 reads) is another
+# decomposition, not a transpose of this one: it is refused on read, never written.
+
+def _dora_scale_from_peft(magnitude: "torch.Tensor", down: "torch.Tensor") -> "torch.Tensor":
+    """peft's magnitude -> kohya's ``dora_scale`` ([out, 1] or [out, 1, 1, 1])."""
+    return magnitude.detach().reshape(magnitude.numel(), *([1] * (down.dim() - 1)))
+
+
+def _dora_scale_to_peft(scale: "torch.Tensor", down: "torch.Tensor", up: "torch.Tensor", name: str,
+                        source: str) -> "torch.Tensor":
+    """kohya's ``dora_scale`` -> peft's magnitude, refusing the input-axis layout."""
+    out = int(up.shape[0])
+    if tuple(scale.shape) != (out,) + (1,) * (down.dim() - 1):
+        if scale.dim() == down.dim() and scale.shape[0] == 1 and scale.numel() == down.shape[1]:
+            raise UserError(f"{source}: DoRA module {name!r} stores its magnitude per input channel "
+                            f"(dora_scale {tuple(scale.shape)}, LyCORIS wd_on_output=False); only the output-channel "
+                            "layout (peft's, [out, 1]) can be trained here")
+        raise UserError(f"{source}: DoRA module {name!r} has a dora_scale of shape {tuple(scale.shape)}; "
+                        f"expected {(out,) + (1,) * (down.dim() - 1)} for its {out} output channels")
+    return scale.reshape(out) if down.dim() == 2 else scale.reshape(1, out, 1, 1)
+
+
+def dora_merged_weight(weight: "torch.Tensor", down: "torch.Tensor", up: "torch.Tensor", alpha: float,
+                       dora_scale: "torch.Tensor", multiplier: float = 1.0) -> "torch.Tensor":
+    """The weight a DoRA module gives a base weight, float32: ``m · V / ‖V‖`` with
+    ``V = W + multiplier · alpha/r · up @ down`` and the norm per output channel (peft's merge)."""
+    w = weight.float()
+    delta = (up.float().flatten(1) @ down.float().flatten(1)).reshape(w.shape) * (multiplier * alpha / down.shape[0])
+    v = w + delta
+    norm = v.reshape(v.shape[0], -1).norm(dim=1).reshape(v.shape[0], *([1] * (v.dim() - 1)))
+    return v * (dora_scale.float().reshape(norm.shape) / norm)
 
 
 def _alpha_for(module: str, rank: int, alpha: float | Mapping[str, float] | None, part: Part) -> float:
@@ -175,7 +228,8 @@ def peft_to_kohya(
     unet_alpha: float | Mapping[str, float] | None = None,
     te_alpha: float | Mapping[str, float] | None = None,
 ) -> dict[str, "torch.Tensor"]:
-    """peft state dicts -> kohya tensors (``lora_down``/``lora_up`` unchanged, plus a 0-d ``alpha``).
+    """peft state dicts -> kohya tensors (``lora_down``/``lora_up`` unchanged, plus a 0-d ``alpha``,
+    and ``dora_scale`` for DoRA modules).
 
     ``*_alpha``: one alpha for every module, or ``{peft module path: alpha}`` (e.g.
     :func:`.lora_targets.module_alphas`), or None for alpha = rank (scale 1). The rank of each
@@ -195,6 +249,8 @@ def peft_to_kohya(
             out[f"{name}.{DOWN}"] = ab["A"].detach()
             out[f"{name}.{UP}"] = ab["B"].detach()
             out[f"{name}.{ALPHA}"] = torch.tensor(_alpha_for(module, rank, alpha, part), dtype=torch.float32)  # type: ignore[arg-type]
+            if "M" in ab:
+                out[f"{name}.{DORA_SCALE}"] = _dora_scale_from_peft(ab["M"], ab["A"])
     if not out:
         raise UserError("the LoRA is empty: no UNet or text-encoder adapter weights to save")
     return out
@@ -217,19 +273,25 @@ class PeftLora:
     def text_encoder_ranks(self) -> dict[str, int]:
         return _ranks(self.text_encoder)
 
+    @property
+    def dora(self) -> bool:
+        """Whether the adapter is DoRA (every module carries a ``lora_magnitude_vector``)."""
+        return any(k.endswith(".lora_magnitude_vector") for k in (*self.unet, *self.text_encoder))
+
 
 def _ranks(sd: Mapping[str, "torch.Tensor"]) -> dict[str, int]:
     return {k[: -len(".lora_A.weight")]: int(v.shape[0]) for k, v in sd.items() if k.endswith(".lora_A.weight")}
 
 
 def _group_kohya(tensors: Mapping[str, "torch.Tensor"], source: str) -> dict[str, dict[str, "torch.Tensor"]]:
-    """``{kohya module name: {"lora_down.weight": .., "lora_up.weight": .., "alpha"?: ..}}``, validated."""
+    """``{kohya module name: {"lora_down.weight": .., "lora_up.weight": .., "alpha"?: .., "dora_scale"?: ..}}``,
+    validated (a DoRA file has a ``dora_scale`` in every module or in none)."""
     modules: dict[str, dict[str, Any]] = {}
     for key, tensor in tensors.items():
         name, _, suffix = key.partition(".")
         if suffix not in KOHYA_SUFFIXES:
             kind = "LyCORIS/LoHa/LoKr" if any(s in suffix for s in ("hada_", "lokr_", "lora_mid")) else "unsupported"
-            raise UserError(f"{source}: {kind} key {key!r}; only plain kohya LoRA (lora_down/lora_up/alpha) is supported")
+            raise UserError(f"{source}: {kind} key {key!r}; only kohya LoRA and DoRA (lora_down/lora_up/alpha/dora_scale) are supported")
         if name.startswith("lora_te2_"):
             raise UserError(f"{source}: an SDXL LoRA (key {key!r}); FaceDiffuser trains and reads SD1.x/SD2.x LoRAs")
         if not name.startswith((UNET_PREFIX,) + TE_READ_PREFIXES):
@@ -243,7 +305,17 @@ def _group_kohya(tensors: Mapping[str, "torch.Tensor"], source: str) -> dict[str
             raise UserError(f"{source}: LoRA module {name!r} has mismatched shapes lora_down {tuple(down.shape)} / lora_up {tuple(up.shape)}")
         if ALPHA in parts and parts[ALPHA].numel() != 1:
             raise UserError(f"{source}: LoRA module {name!r} has a non-scalar alpha of shape {tuple(parts[ALPHA].shape)}")
+    with_dora = [name for name, parts in modules.items() if DORA_SCALE in parts]
+    if with_dora and len(with_dora) != len(modules):
+        plain = next(name for name, parts in modules.items() if DORA_SCALE not in parts)
+        raise UserError(f"{source}: {len(with_dora)} of {len(modules)} modules are DoRA (dora_scale) and the rest plain LoRA, "
+                        f"e.g. {plain!r}; a file must be one or the other")
     return modules
+
+
+def is_dora(tensors: Mapping[str, "torch.Tensor"]) -> bool:
+    """Whether a kohya file's modules are DoRA (carry ``dora_scale``)."""
+    return any(k.endswith("." + DORA_SCALE) for k in tensors)
 
 
 def _alpha_value(parts: Mapping[str, "torch.Tensor"]) -> float:
@@ -270,15 +342,22 @@ def kohya_to_peft(tensors: Mapping[str, "torch.Tensor"], *, te_text_model: bool 
             raise UserError(f"{source}: LoRA module {module!r} appears twice (lora_te_ and lora_te1_?)")
         sd[f"{module}.lora_A.weight"] = parts[DOWN]
         sd[f"{module}.lora_B.weight"] = parts[UP]
+        if DORA_SCALE in parts:
+            sd[f"{module}.lora_magnitude_vector"] = _dora_scale_to_peft(parts[DORA_SCALE], parts[DOWN], parts[UP], name, source)
         alphas[module] = _alpha_value(parts)
     return out
 
 
 def kohya_delta_weights(tensors: Mapping[str, "torch.Tensor"], multiplier: float = 1.0) -> dict[str, "torch.Tensor"]:
     """``{kohya module name: ΔW}`` in float32, ``ΔW = multiplier · alpha/r · up @ down``, shaped like the
-    target weight (``[out, in]`` or ``[out, in, kh, kw]``): what A1111/ComfyUI/kohya merge."""
+    target weight (``[out, in]`` or ``[out, in, kh, kw]``): what A1111/ComfyUI/kohya merge.
+
+    A DoRA file's effect depends on the base weight: use :func:`dora_merged_weight` for it."""
     out = {}
-    for name, parts in _group_kohya(tensors, "LoRA").items():
+    grouped = _group_kohya(tensors, "LoRA")
+    if any(DORA_SCALE in parts for parts in grouped.values()):
+        raise UserError("a DoRA file (dora_scale) has no base-independent ΔW; use dora_merged_weight with the base weight")
+    for name, parts in grouped.items():
         down, up = parts[DOWN].float(), parts[UP].float()
         rank = down.shape[0]
         delta = (up.flatten(1) @ down.flatten(1)) * (multiplier * _alpha_value(parts) / rank)
@@ -398,8 +477,14 @@ def _architecture(v2: bool, v_prediction: bool) -> str:
 
 
 def _optimizer_text(config: "TrainConfig") -> str:
-    cls = {"adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit"}.get(config.optimizer, config.optimizer)
-    return f"{cls}(weight_decay={config.weight_decay})"
+    """kohya's ``ss_optimizer``: the class's module path and name, then its arguments."""
+    cls = {"adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit",
+           "prodigy": "prodigyopt.prodigy.Prodigy"}.get(config.optimizer, config.optimizer)
+    args = f"weight_decay={config.weight_decay}"
+    if config.optimizer == "prodigy":
+        args += (f",d_coef={config.prodigy_d_coef},safeguard_warmup={config.prodigy_safeguard_warmup}"
+                 f",use_bias_correction={config.prodigy_use_bias_correction}")
+    return f"{cls}({args})"
 
 
 def _opt_str(value: Any) -> str:
@@ -414,9 +499,21 @@ def _text_encoder_lr_text(config: "TrainConfig") -> str:
 
 
 def _network_args_text(config: "TrainConfig") -> str | None:
-    if config.conv_rank <= 0:
-        return None  # kohya writes --network_args values as the strings the user typed
-    return json.dumps({"conv_dim": str(config.conv_rank), "conv_alpha": str(config.effective_conv_alpha)})
+    """kohya writes --network_args values as the strings the user typed. DoRA is recorded as
+    LyCORIS writes ``--network_module lycoris.kohya --network_args algo=lora dora_wd=True``
+    (``wd_on_output``: ``dora_scale`` is per output channel)."""
+    args = {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"} if config.dora else {}
+    if config.conv_rank > 0:
+        args.update({"conv_dim": str(config.conv_rank), "conv_alpha": str(config.effective_conv_alpha)})
+    return json.dumps(args) if args else None
+
+
+def _bucket_side_text(config: "TrainConfig", which: int) -> str:
+    """sd-scripts' ``ss_min/max_bucket_reso``: "None" without buckets or with no-upscale (then
+    each image's own size decides, not the limits)."""
+    from .config import bucket_limits
+
+    return "None" if not config.buckets or config.bucket_no_upscale else str(bucket_limits(config)[which])
 
 
 # How a setting's ``ss_key`` value is written where it is not ``str(value)``; None = key left out.
@@ -426,11 +523,18 @@ _SETTING_TEXT: dict[str, Any] = {
     "ss_network_alpha": lambda c: str(c.effective_alpha),
     "ss_network_dropout": lambda c: _opt_str(c.lora_dropout),
     "ss_network_args": _network_args_text,
+    "ss_network_module": lambda c: "lycoris.kohya" if c.dora else "networks.lora",
     "ss_text_encoder_lr": _text_encoder_lr_text,
     "ss_optimizer": _optimizer_text,
     "ss_noise_offset": lambda c: _opt_str(c.noise_offset),
     "ss_resolution": lambda c: str((int(c.resolution), int(c.resolution))),
     "ss_cache_latents": lambda c: str(not c.no_cache),
+    "ss_min_bucket_reso": lambda c: _bucket_side_text(c, 0),
+    "ss_max_bucket_reso": lambda c: _bucket_side_text(c, 1),
+    "ss_bucket_no_upscale": lambda c: str(bool(c.buckets and c.bucket_no_upscale)),
+    "ss_validate_every_n_steps": lambda c: str(c.validation_every) if c.has_validation else "None",
+    "facediffuser_validation_data": lambda c: Path(c.validation_data).name if c.validation_data else None,
+    "facediffuser_keep_best_validation": lambda c: str(c.keep_best_validation) if c.has_validation else None,
     "facediffuser_trigger": lambda c: c.trigger or None,
     "facediffuser_init_lora": lambda c: Path(c.init_lora).name if c.init_lora else None,
 }
@@ -473,6 +577,8 @@ def build_metadata(
     image_digests: Sequence[str] | None = None,
     train_data_digest: str | None = None,
     num_processes: int = 1,
+    bucket_plan: Any = None,
+    validation: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
     """The file's metadata, every value a string: kohya's ``ss_*`` keys (what A1111 shows and uses
     for its alias and version filter), ``modelspec.*`` (SAI model spec 1.0.1), and ours
@@ -483,6 +589,8 @@ def build_metadata(
     ``base_model_hash``/``base_model_sha256``: :func:`base_model_hashes` of the checkpoint.
     ``train_data_digest``: :func:`train_data_digest` of the data as trained.
     The settings' own keys come from :func:`settings_metadata`.
+    ``bucket_plan``: the run's :class:`.buckets.BucketPlan` (``ss_bucket_info``);
+    ``validation``: what :meth:`.validation.ValidationSet.metadata_values` reports.
     ``sshs_*`` hashes are not here: :func:`save_kohya_lora` computes them from the final tensors."""
     if len(captions) != len(image_files):
         raise ValueError(f"{len(image_files)} image files but {len(captions)} captions")
@@ -496,7 +604,6 @@ def build_metadata(
     when = finished_at if finished_at is not None else started_at
     meta: dict[str, Any] = {
         # the network
-        "ss_network_module": "networks.lora",
         "ss_base_model_version": base_model_version(v2=v2, v_prediction=v_prediction),
         "ss_v2": v2,
         # the base model
@@ -510,7 +617,6 @@ def build_metadata(
         "ss_dataset_dirs": json.dumps({data_dir: {"n_repeats": 1, "img_count": n}}, ensure_ascii=False),
         "ss_reg_dataset_dirs": json.dumps({}),
         "ss_bucket_info": json.dumps({"buckets": {"0": {"resolution": [res, res], "count": n}}, "mean_img_ar_error": 0.0}),
-        "ss_enable_bucket": False,
         "ss_color_aug": False,
         "ss_random_crop": False,
         "ss_caption_dropout_every_n_epochs": 0,
@@ -550,7 +656,34 @@ def build_metadata(
         meta["modelspec.encoder_layer"] = clip_skip
     if config.trigger:
         meta["modelspec.trigger_phrase"] = config.trigger
+    meta.update(_run_metadata(config, bucket_plan, validation))
     return {k: v if isinstance(v, str) else str(v) for k, v in meta.items()}
+
+
+META_VALIDATION_IMAGES = "facediffuser_validation_images_sha256"
+META_VALIDATION_LOSS = "facediffuser_validation_loss"
+
+
+def _run_metadata(config: "TrainConfig", bucket_plan: Any, validation: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What the run found, beside the settings: the buckets used and the held-out validation.
+
+    * ``ss_bucket_info`` as sd-scripts writes it: the used buckets in sorted order,
+      ``{"resolution": [w, h], "count": n}``, and the mean absolute aspect-ratio error.
+    * Validation: sd-scripts' ``ss_num_validation_images`` and ``ss_validation_seed``; ours: the
+      held-out images' digests (they never trained: an honest real set for the evaluator), the
+      curve ``[[step, loss], ...]`` and the best step and loss."""
+    meta: dict[str, Any] = {}
+    if bucket_plan is not None and bucket_plan.enabled:
+        meta["ss_bucket_info"] = json.dumps(bucket_plan.info())
+    v = validation or {}
+    meta["ss_num_validation_images"] = len(v.get("digests", ()))
+    if v:
+        meta["ss_validation_seed"] = config.seed  # the held-out pick and its noise come from --seed
+        meta[META_VALIDATION_IMAGES] = json.dumps(sorted(set(v["digests"])))
+        meta[META_VALIDATION_LOSS] = json.dumps([[int(step), float(loss)] for step, loss in v.get("history", ())])
+        if v.get("best") is not None:
+            meta["facediffuser_validation_best_step"], meta["facediffuser_validation_best_loss"] = v["best"]
+    return meta
 
 
 # --- files --------------------------------------------------------------------------------------
@@ -580,7 +713,7 @@ def save_kohya_lora(path: str | os.PathLike[str], tensors: Mapping[str, "torch.T
     """Write a kohya LoRA atomically (a unique temp name, fsync, then ``os.replace``) and return the metadata written.
 
     ``lora_down``/``lora_up`` are cast to ``dtype`` (fp16/bf16/fp32); ``alpha`` stays float32 so the
-    true alpha survives (loaders read it with ``.item()``). ``sshs_model_hash`` and
+    true alpha survives (loaders read it with ``.item()``), and so does DoRA's ``dora_scale``. ``sshs_model_hash`` and
     ``sshs_legacy_hash`` are added, computed as sd-scripts does."""
     import torch
     from safetensors.torch import save
@@ -593,7 +726,10 @@ def save_kohya_lora(path: str | os.PathLike[str], tensors: Mapping[str, "torch.T
             raise UserError(f"save precision must be one of fp16, bf16, fp32 (got {dtype!r})")
         dtype = getattr(torch, _DTYPES[dtype])
     _group_kohya(tensors, "LoRA to save")  # refuse to write something no loader accepts
-    out = {k: (v.detach().to("cpu", torch.float32) if k.endswith("." + ALPHA) else v.detach().to("cpu", dtype)).contiguous()
+    # alpha and DoRA's dora_scale stay float32: a magnitude rounded to fp16 rescales each output
+    # channel by up to 5e-4, which is of the order of a whole LoRA update
+    out = {k: (v.detach().to("cpu", torch.float32) if k.endswith(tuple("." + s for s in FLOAT32_SUFFIXES))
+               else v.detach().to("cpu", dtype)).contiguous()
            for k, v in tensors.items()}
     meta = dict(metadata)
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = safetensors_hashes(out, meta)

@@ -106,7 +106,7 @@ def _exact(name: str) -> str:
 
 
 def _lora_config(targets: list[str], rank: int, alpha: float, dropout: float,
-                 rank_pattern: Mapping[str, int], alpha_pattern: Mapping[str, float]) -> "LoraConfig":
+                 rank_pattern: Mapping[str, int], alpha_pattern: Mapping[str, float], use_dora: bool = False) -> "LoraConfig":
     from peft import LoraConfig
 
     if rank < 1:
@@ -120,12 +120,13 @@ def _lora_config(targets: list[str], rank: int, alpha: float, dropout: float,
         alpha_pattern={_exact(k): float(v) for k, v in alpha_pattern.items()},
         init_lora_weights=True,  # kaiming-uniform A, zero B: kohya's ("microsoft's") init
         use_rslora=False,  # kohya's scale is alpha/r; rsLoRA would need alpha*sqrt(r) in the file
+        use_dora=bool(use_dora),  # DoRA: + a magnitude per output channel (kohya dora_scale)
         bias="none",
     )
 
 
 def unet_lora_config(unet: "torch.nn.Module", *, rank: int, alpha: float | None = None, dropout: float = 0.0,
-                     conv_rank: int = 0, conv_alpha: float | None = None) -> "LoraConfig":
+                     conv_rank: int = 0, conv_alpha: float | None = None, use_dora: bool = False) -> "LoraConfig":
     """The peft ``LoraConfig`` for kohya's UNet set; ``conv_rank > 0`` adds LoCon (3x3 convs at conv rank).
 
     ``alpha``/``conv_alpha`` default to the rank (scale 1), as ``TrainConfig`` documents."""
@@ -139,17 +140,18 @@ def unet_lora_config(unet: "torch.nn.Module", *, rank: int, alpha: float | None 
         for name in unet_conv3x3_modules(unet):
             rank_pattern[name] = conv_rank
             alpha_pattern[name] = c_alpha
-    return _lora_config(targets, rank, alpha, dropout, rank_pattern, alpha_pattern)
+    return _lora_config(targets, rank, alpha, dropout, rank_pattern, alpha_pattern, use_dora)
 
 
 def text_encoder_lora_config(text_encoder: "torch.nn.Module", *, rank: int, alpha: float | None = None,
-                             dropout: float = 0.0) -> "LoraConfig":
+                             dropout: float = 0.0, use_dora: bool = False) -> "LoraConfig":
     """The peft ``LoraConfig`` for kohya's CLIP text-encoder set."""
     alpha = float(rank if alpha is None else alpha)
-    return _lora_config(text_encoder_target_modules(text_encoder), rank, alpha, dropout, {}, {})
+    return _lora_config(text_encoder_target_modules(text_encoder), rank, alpha, dropout, {}, {}, use_dora)
 
 
-def lora_config_from_modules(ranks: Mapping[str, int], alphas: Mapping[str, float], *, dropout: float = 0.0) -> "LoraConfig":
+def lora_config_from_modules(ranks: Mapping[str, int], alphas: Mapping[str, float], *, dropout: float = 0.0,
+                             use_dora: bool = False) -> "LoraConfig":
     """A ``LoraConfig`` that recreates per-module ranks and alphas exactly (e.g. read back from a
     kohya file by :func:`.kohya_format.kohya_to_peft`): the most common rank/alpha are the
     defaults, every other module gets an exact-name ``rank_pattern`` / ``alpha_pattern`` entry."""
@@ -161,7 +163,7 @@ def lora_config_from_modules(ranks: Mapping[str, int], alphas: Mapping[str, floa
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     rank_pattern = {k: r for k, r in ranks.items() if r != rank}
     alpha_pattern = {k: a for k, a in alphas.items() if a != alpha}
-    return _lora_config(list(ranks), rank, alpha, dropout, rank_pattern, alpha_pattern)
+    return _lora_config(list(ranks), rank, alpha, dropout, rank_pattern, alpha_pattern, use_dora)
 
 
 def module_alphas(model: "torch.nn.Module", adapter_name: str = "default") -> dict[str, float]:

@@ -31,8 +31,10 @@ def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
 
 
 def save_loss_curve(losses: Sequence[float], path: str | Path, *, title: str = "training loss",
-                    start_step: int = 1) -> Path:
-    """Write a PNG of the per-step loss (faint) and its smoothed trend (bold). Returns the path."""
+                    start_step: int = 1, validation: Sequence[tuple[int, float]] = ()) -> Path:
+    """Write a PNG of the per-step loss (faint) and its smoothed trend (bold), and, when given, the
+    held-out validation loss ``[(step, loss), ...]`` on the same axes (it is the same objective) with
+    its lowest point marked. Returns the path."""
     # No pyplot and no matplotlib.use(): the host's backend and figure registry stay as they are.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -42,13 +44,20 @@ def save_loss_curve(losses: Sequence[float], path: str | Path, *, title: str = "
     fig = Figure(figsize=(7, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    if losses:
+    if losses or validation:
         ax.plot(steps, list(losses), color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
         ax.plot(steps, smooth(losses), color="tab:blue", linewidth=2.0, label="smoothed")
-        finite = [v for v in losses if math.isfinite(v)]
+        if validation:
+            v_steps, v_losses = [int(s) for s, _ in validation], [float(v) for _, v in validation]
+            ax.plot(v_steps, v_losses, color="tab:orange", linewidth=1.8, marker="o", markersize=3.5,
+                    label="validation (held out)")
+            best = min(range(len(v_losses)), key=lambda i: (v_losses[i], v_steps[i]))
+            ax.plot([v_steps[best]], [v_losses[best]], color="tab:red", marker="*", markersize=12, linestyle="none",
+                    label=f"best validation (step {v_steps[best]})")
+        finite = [v for v in [*losses, *(v for _, v in validation)] if math.isfinite(v)]
         if finite and min(finite) > 0 and max(finite) / min(finite) > 50:
             ax.set_yscale("log")  # a few huge early losses would flatten the rest of the curve
-        ax.legend(loc="upper right")
+        ax.legend(loc="best", framealpha=0.8)
     else:
         ax.text(0.5, 0.5, "no steps yet", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("step")

@@ -82,11 +82,17 @@ class TrainResult:
     seconds: float = 0.0  # wall time of this call
     resumed_from: int = 0  # the step this call started at
     is_main_process: bool = True
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss), from step 0
+    best_output: Path | None = None  # --keep-best-validation's file
 
     def summary(self) -> str:
         loss = f"{self.final_loss:.4f}" if self.final_loss is not None else "n/a"
+        val = ""
+        if self.validation:
+            best = min(self.validation, key=lambda sl: (sl[1], sl[0]))
+            val = f", validation loss {self.validation[-1][1]:.4f} (best {best[1]:.4f} at step {best[0]})"
         if self.status == "finished":
-            return f"wrote {self.output} ({self.steps} steps, final loss {loss}, {self.seconds:.1f}s)"
+            return f"wrote {self.output} ({self.steps} steps, final loss {loss}{val}, {self.seconds:.1f}s)"
         return (f"cancelled at step {self.steps}/{self.total_steps}: no LoRA written; "
                 f"training state kept in {self.checkpoint} (continue with --resume)")
 
@@ -119,6 +125,7 @@ def _train(config: TrainConfig, *, callbacks: TrainCallbacks | None = None) -> T
     config.validate()
     _check_writable(config)  # before the data check and any model or cache: a bad --output fails in a second
     scan = _check_dataset(config)  # before any model is loaded: bad data fails in a second
+    scan, held_out = _split_validation(config, scan)  # held-out images never reach the training data
     accelerator = _make_accelerator(config)
     world, rank = accelerator.num_processes, accelerator.process_index
     resume_from = _find_resume_checkpoint(config, world)
@@ -135,7 +142,9 @@ def _train(config: TrainConfig, *, callbacks: TrainCallbacks | None = None) -> T
         named = _add_lora_adapters(config, models)  # {"unet.<path>.lora_A.default.weight": param, ...}
     params = list(named.values())
     data = _build_training_data(config, scan, models, accelerator)
-    total_steps = _total_steps(config, len(data.images), world)
+    validation = _build_validation(config, held_out, models, accelerator)
+    order = _batch_order(config, data, rank, world)
+    total_steps = _total_steps(config, len(data.images), world, getattr(order, "micro_batches_per_epoch", None))
     optimizer, lr_scheduler = _make_optimizer(config, named, total_steps)
     ema = _make_ema(config, params)
 
@@ -152,7 +161,6 @@ def _train(config: TrainConfig, *, callbacks: TrainCallbacks | None = None) -> T
     start_step = run.global_step
 
     _start_trackers(config, accelerator)
-    order = _BatchOrder(len(data.images), config.batch_size, config.seed, rank=rank, world=world)
     batches = _batches(config, data, order, start=start_step * config.grad_accum, pin_memory=accelerator.device.type == "cuda")
     progress = _progress_bar(accelerator, total_steps, start_step)
     samples: list[Path] = []
@@ -160,6 +168,9 @@ def _train(config: TrainConfig, *, callbacks: TrainCallbacks | None = None) -> T
     models.unet.train()
     if config.train_text_encoder:
         models.text_encoder.train()
+    hook = _ValidationHook(config, validation, models, ema, params, accelerator, prediction_type, data, run, total_steps)
+    if start_step == 0:
+        hook.evaluate()  # the base model's held-out loss: where the curve starts
 
     while run.global_step < total_steps:
         if _should_stop(callbacks, accelerator):
@@ -185,10 +196,13 @@ def _train(config: TrainConfig, *, callbacks: TrainCallbacks | None = None) -> T
             ema.step(params)
         run.global_step += 1
         run.losses.append(step_loss)
+        if hook.due(run.global_step):
+            hook.evaluate()
 
         progress.update(1)
-        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-        accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=run.global_step)
+        lr_now = _current_lr(optimizer, lr_scheduler)
+        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_now:.2e}", **hook.postfix())
+        accelerator.log({"loss": step_loss, "lr": lr_now}, step=run.global_step)
         if callbacks.on_step is not None:
             callbacks.on_step(run.global_step, total_steps, step_loss)
         if config.sample_every and run.global_step % config.sample_every == 0 and run.global_step < total_steps:
@@ -205,7 +219,8 @@ def _train(config: TrainConfig, *, callbacks: TrainCallbacks | None = None) -> T
     if status == "finished":
         if config.sample_every:
             samples += _write_samples(config, models, ema, params, accelerator, run.global_step, callbacks)
-        output = _export_lora(config, accelerator, models, ema, params, data, run, total_steps, prediction_type)
+        output = _export_lora(config, accelerator, models, ema, params, data, run, total_steps, prediction_type,
+                              validation=validation)
     if accelerator.is_main_process:
         loss_plot = _write_loss_plot(config, run, finished=status == "finished")
     accelerator.wait_for_everyone()
@@ -216,6 +231,7 @@ def _train(config: TrainConfig, *, callbacks: TrainCallbacks | None = None) -> T
         final_loss=run.losses[-1] if run.losses else None, losses=list(run.losses), loss_plot=loss_plot,
         checkpoint=run.last_checkpoint, samples=samples, seconds=time.perf_counter() - t0,
         resumed_from=start_step, is_main_process=accelerator.is_main_process,
+        validation=[tuple(v) for v in run.validation], best_output=hook.best_file,
     )
 
 
@@ -228,6 +244,7 @@ class _RunState:
     global_step: int = 0
     losses: list[float] = field(default_factory=list)
     last_checkpoint: Path | None = None
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss)
 
 
 def _now() -> float:
@@ -402,10 +419,13 @@ def _check_resume_compatible(config: TrainConfig, info: dict[str, Any], world: i
                         f"this run has {world}; resume with the same number")
 
 
-def _total_steps(config: TrainConfig, n_images: int, world: int) -> int:
-    """--steps, or enough optimizer steps to see every image ``--epochs`` times."""
+def _total_steps(config: TrainConfig, n_images: int, world: int, micro_batches_per_epoch: int | None = None) -> int:
+    """--steps, or enough optimizer steps to see every image ``--epochs`` times (with buckets: to
+    draw every bucket's batches of an epoch ``--epochs`` times)."""
     if config.epochs is None:
         return config.steps
+    if micro_batches_per_epoch is not None:
+        return max(1, math.ceil(config.epochs * micro_batches_per_epoch / config.grad_accum))
     per_step = config.batch_size * config.grad_accum * world
     return max(1, math.ceil(config.epochs * n_images / per_step))
 
@@ -444,18 +464,19 @@ def _add_lora_adapters(config: TrainConfig, models: Any) -> dict[str, "torch.nn.
     init = _read_init_lora(config) if config.init_lora else None
     if init is None:
         unet_cfg = lora_targets.unet_lora_config(models.unet, rank=config.rank, alpha=config.alpha, dropout=config.lora_dropout,
-                                                 conv_rank=config.conv_rank, conv_alpha=config.conv_alpha)
+                                                 conv_rank=config.conv_rank, conv_alpha=config.conv_alpha, use_dora=config.dora)
     else:
-        unet_cfg = lora_targets.lora_config_from_modules(init.unet_ranks, init.unet_alphas, dropout=config.lora_dropout)
+        unet_cfg = lora_targets.lora_config_from_modules(init.unet_ranks, init.unet_alphas, dropout=config.lora_dropout,
+                                                         use_dora=init.dora)
     models.unet.add_adapter(unet_cfg)
     trained = [models.unet]
     if config.train_text_encoder:
         if init is None or not init.text_encoder:
             te_cfg = lora_targets.text_encoder_lora_config(models.text_encoder, rank=config.rank, alpha=config.alpha,
-                                                           dropout=config.lora_dropout)
+                                                           dropout=config.lora_dropout, use_dora=config.dora if init is None else init.dora)
         else:
             te_cfg = lora_targets.lora_config_from_modules(init.text_encoder_ranks, init.text_encoder_alphas,
-                                                           dropout=config.lora_dropout)
+                                                           dropout=config.lora_dropout, use_dora=init.dora)
         _inject(models.text_encoder, te_cfg)
         trained.append(models.text_encoder)
     if init is not None:
@@ -488,6 +509,10 @@ def _read_init_lora(config: TrainConfig) -> Any:
         raise UserError(f"--init-lora {config.init_lora}: it has no UNet modules")
     if init.text_encoder and not config.train_text_encoder:
         log.warning("--init-lora has text-encoder modules; they are not trained (no --train-text-encoder) and not saved")
+    if init.dora != config.dora:
+        log.warning("--init-lora is %s file: training continues as %s (%s --dora makes no difference)",
+                    "a DoRA" if init.dora else "a plain LoRA", "DoRA" if init.dora else "plain LoRA",
+                    "without" if init.dora else "with")
     return init
 
 
@@ -560,6 +585,93 @@ def _build_training_data(config: TrainConfig, scan: "DatasetScan", models: Any, 
     for line in data.skipped:
         _print_main(accelerator, f"skipped {line}")
     return data
+
+
+def _split_validation(config: TrainConfig, scan: "DatasetScan") -> tuple["DatasetScan", "DatasetScan | None"]:
+    """--validation-split / --validation-data: the images held out of training (:mod:`.validation`)."""
+    from .validation import split_validation
+
+    scan, held_out = split_validation(config, scan)
+    if held_out is not None:
+        for line in held_out.report_lines():
+            log.info("validation: %s", line)
+        log.info("%d training image(s), %d held out for validation", len(scan.images), len(held_out.images))
+    return scan, held_out
+
+
+def _build_validation(config: TrainConfig, held_out: "DatasetScan | None", models: Any, accelerator: "Accelerator") -> Any:
+    """The held-out set with its fixed noise, through the same caches (rank 0 fills them first)."""
+    if held_out is None:
+        return None
+    from .validation import build_validation_set
+
+    with accelerator.main_process_first():
+        return build_validation_set(config, held_out, models, progress=accelerator.is_main_process)
+
+
+def _batch_order(config: TrainConfig, data: Any, rank: int, world: int) -> Any:
+    """Batches within one aspect-ratio bucket when the images fall in several (:mod:`.buckets`);
+    with one bucket (square crops) the plain order, so square data trains the same either way."""
+    from .buckets import BucketBatchOrder
+
+    plan = getattr(data, "buckets", None)
+    if plan is None or len(plan.buckets) <= 1:
+        return _BatchOrder(len(data.images), config.batch_size, config.seed, rank=rank, world=world)
+    order = BucketBatchOrder(list(plan.buckets.values()), config.batch_size, config.seed, rank=rank, world=world)
+    data.micro_batches_per_epoch = order.micro_batches_per_epoch
+    return order
+
+
+class _ValidationHook:
+    """The held-out loss at step 0, every ``--validation-every`` steps and at the last step: logged
+    (logging, tqdm, trackers), kept in the run state (a resumed curve continues) and, with
+    ``--keep-best-validation``, the best step's adapter written beside the output. A no-op
+    without a validation set."""
+
+    def __init__(self, config: TrainConfig, validation: Any, models: Any, ema: Any, params: list,
+                 accelerator: "Accelerator", prediction_type: str, data: Any, run: _RunState, total_steps: int) -> None:
+        self.config, self.validation, self.models, self.ema, self.params = config, validation, models, ema, params
+        self.accelerator, self.prediction_type, self.data, self.run = accelerator, prediction_type, data, run
+        self.total_steps = total_steps
+        self.best_file: Path | None = None
+        if validation is not None and config.keep_best_validation:  # resumed: the file of the best step so far
+            from .validation import best_path
+
+            self.best_file = best_path(config) if self._best_trained() is not None and best_path(config).is_file() else None
+
+    def _best_trained(self) -> tuple[int, float] | None:
+        """The best validation among trained steps (step 0 is the base model: no adapter to keep)."""
+        from .validation import best_of
+
+        return best_of([h for h in self.run.validation if h[0] > 0])
+
+    def due(self, step: int) -> bool:
+        return self.validation is not None and (step % self.config.validation_every == 0 or step == self.total_steps)
+
+    def postfix(self) -> dict[str, str]:
+        return {"val": f"{self.run.validation[-1][1]:.4f}"} if self.run.validation else {}
+
+    def evaluate(self) -> None:
+        """Evaluate now (every rank: the work is shared and reduced) unless this step already has its value."""
+        from .validation import best_of, best_path, report
+
+        step = self.run.global_step
+        if self.validation is None or (self.run.validation and self.run.validation[-1][0] == step):
+            return
+        accelerator = self.accelerator
+        with _ema_weights(self.ema, self.params):
+            loss = self.validation.loss(self.config, accelerator.unwrap_model(self.models.unet),
+                                        accelerator.unwrap_model(self.models.text_encoder), self.models.noise_scheduler,
+                                        self.prediction_type, accelerator)
+        before = self._best_trained()
+        self.run.validation.append((step, loss))
+        if accelerator.is_main_process:
+            report(step, loss, best_of(self.run.validation))
+        accelerator.log({"val_loss": loss}, step=step)
+        if self.config.keep_best_validation and step > 0 and (before is None or loss < before[1]):
+            self.best_file = _export_lora(self.config, accelerator, self.models, self.ema, self.params, self.data, self.run,
+                                          self.total_steps, self.prediction_type, validation=self.validation,
+                                          output=best_path(self.config))
 
 
 class _EpochView:
@@ -644,7 +756,10 @@ def _make_optimizer(config: TrainConfig, named: dict[str, "torch.nn.Parameter"],
     te = [p for k, p in named.items() if k.startswith("text_encoder.")]
     if te:
         groups.append({"params": te, "lr": config.text_encoder_lr if config.text_encoder_lr is not None else config.lr})
-    optimizer = _adamw_fused(opt_cls, groups, config) or opt_cls(groups, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "prodigy":
+        optimizer = _prodigy(groups, config)
+    else:
+        optimizer = _adamw_fused(opt_cls, groups, config) or opt_cls(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
                               num_training_steps=total_steps)
     return optimizer, scheduler
@@ -667,6 +782,32 @@ def _adamw_fused(opt_cls: Any, groups: list[dict[str, Any]], config: TrainConfig
         return None
 
 
+def _prodigy(groups: list[dict[str, Any]], config: TrainConfig) -> Any:
+    """Prodigy (prodigyopt): Adam with a learning rate it estimates itself; ``lr`` (1 is usual)
+    multiplies that estimate. AdamW-style decoupled weight decay. Its whole state (the estimate
+    ``d`` and its sums live in the param groups) is in ``state_dict()``, so a resume continues it."""
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise UserError("--optimizer prodigy needs the prodigyopt package (pip install prodigyopt, or facediffuser[prodigy]), "
+                        "or use --optimizer adamw") from None
+    optimizer = Prodigy(groups, lr=config.lr, weight_decay=0.0, decouple=True, d_coef=config.prodigy_d_coef,
+                        safeguard_warmup=config.prodigy_safeguard_warmup,
+                        use_bias_correction=config.prodigy_use_bias_correction)
+    # set after construction: Prodigy prints (not logs) a line when built with weight decay
+    for group in optimizer.param_groups:
+        group["weight_decay"] = config.weight_decay
+    optimizer.defaults["weight_decay"] = config.weight_decay
+    return optimizer
+
+
+def _current_lr(optimizer: Any, lr_scheduler: Any) -> float:
+    """The step size in use: the scheduled lr, times Prodigy's estimate ``d`` under Prodigy."""
+    lr = float(lr_scheduler.get_last_lr()[0])
+    group = optimizer.param_groups[0]
+    return lr * float(group["d"]) if "d" in group and "d0" in group else lr
+
+
 def _make_ema(config: TrainConfig, params: list["torch.nn.Parameter"]) -> Any:
     """diffusers' EMAModel over the adapter parameters (it takes a parameter list, so peft's
     injected LoRA weights fit as they are; no EMA class of our own is needed)."""
@@ -686,9 +827,6 @@ def _diffusion_loss(config: TrainConfig, models: Any, batch: dict[str, Any], gen
     min-SNR-weighted when asked. Noise and timesteps come from ``gen`` (a CPU generator: the same
     numbers on any device)."""
     import torch
-    from diffusers.training_utils import compute_snr
-
-    from ..faces.masks import face_weight_map, weighted_mse
 
     scheduler = models.noise_scheduler
     latents = _latents(models, batch, device, gen)
@@ -698,6 +836,23 @@ def _diffusion_loss(config: TrainConfig, models: Any, batch: dict[str, Any], gen
         noise = noise + config.noise_offset * torch.randn((b, c, 1, 1), generator=gen, dtype=torch.float32)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen)
     noise, timesteps = noise.to(device), timesteps.to(device)
+    cond = _conditioning(config, models, batch, device)
+    mask = batch.get("face_mask")
+    return loss_from_noise(config, models.unet, scheduler, latents=latents, noise=noise, timesteps=timesteps, cond=cond,
+                           face_mask=None if mask is None else mask.to(device, non_blocking=True),
+                           prediction_type=prediction_type).mean()
+
+
+def loss_from_noise(config: TrainConfig, unet: Any, scheduler: Any, *, latents: "torch.Tensor", noise: "torch.Tensor",
+                    timesteps: "torch.Tensor", cond: "torch.Tensor", face_mask: "torch.Tensor | None",
+                    prediction_type: str) -> "torch.Tensor":
+    """The per-sample training objective at given noise and timesteps (the training step draws them;
+    the held-out validation fixes them): MSE against epsilon or v, face- and min-SNR-weighted as set."""
+    import torch
+    from diffusers.training_utils import compute_snr
+
+    from ..faces.masks import face_weight_map, weighted_mse
+
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if prediction_type == "epsilon":
         target = noise
@@ -706,14 +861,13 @@ def _diffusion_loss(config: TrainConfig, models: Any, batch: dict[str, Any], gen
     else:
         raise UserError(f"unsupported prediction type {prediction_type!r} (epsilon or v_prediction)")
 
-    cond = _conditioning(config, models, batch, device)
-    base_dtype = _frozen_dtype(models.unet)
-    pred = models.unet(noisy.to(base_dtype), timesteps, cond.to(base_dtype), return_dict=False)[0]
+    base_dtype = _frozen_dtype(unet)
+    pred = unet(noisy.to(base_dtype), timesteps, cond.to(base_dtype), return_dict=False)[0]
 
     weight_map = None
-    if batch.get("face_mask") is not None and config.face_loss_weight != 1.0:
+    if face_mask is not None and config.face_loss_weight != 1.0:
         # normalised per sample: the face gets `weight`x the background's share at the same loss scale
-        weight_map = face_weight_map(batch["face_mask"].to(device, non_blocking=True), config.face_loss_weight, normalize=True)
+        weight_map = face_weight_map(face_mask, config.face_loss_weight, normalize=True)
     per_sample = weighted_mse(pred.float(), target.float(), weight_map, reduction="per_sample")
     if config.min_snr_gamma:
         snr = compute_snr(scheduler, timesteps)
@@ -721,7 +875,7 @@ def _diffusion_loss(config: TrainConfig, models: Any, batch: dict[str, Any], gen
         # Min-SNR-gamma (Hang et al. 2023): weight min(SNR, g)/SNR on the epsilon loss; the v loss
         # already carries a factor (SNR+1), so there it is min(SNR, g)/(SNR+1).
         per_sample = per_sample * (clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1))
-    return per_sample.mean()
+    return per_sample
 
 
 def _frozen_dtype(model: Any) -> "torch.dtype":
@@ -772,7 +926,8 @@ def _save_checkpoint(config: TrainConfig, accelerator: "Accelerator", run: _RunS
         path = save_checkpoint(
             config.state_path,
             info={"global_step": run.global_step, "losses": run.losses, "started_at": run.started_at,
-                  "num_processes": run.world, "finished": finished, "config": config.to_dict()},
+                  "num_processes": run.world, "finished": finished, "config": config.to_dict(),
+                  "validation": [list(v) for v in run.validation]},
             adapter=named,
             optimizer=optimizer.state_dict(),
             scheduler=lr_scheduler.state_dict(),
@@ -809,6 +964,7 @@ def _restore_checkpoint(path: Path, run: _RunState, named: dict, optimizer: Any,
     restore_rng(ck.rng[rank], noise_gen, torch_rng)
     run.global_step = ck.step
     run.losses = [float(x) for x in ck.info.get("losses", [])]
+    run.validation = [(int(step), float(loss)) for step, loss in ck.info.get("validation", [])]
     run.started_at = float(ck.info.get("started_at", run.started_at))
     run.last_checkpoint = path
 
@@ -824,11 +980,13 @@ def _adapter_state_dicts(config: TrainConfig, models: Any, accelerator: "Acceler
 
 
 def _export_lora(config: TrainConfig, accelerator: "Accelerator", models: Any, ema: Any, params: list, data: Any,
-                 run: _RunState, total_steps: int, prediction_type: str) -> Path:
-    """Write the kohya file (EMA weights when --ema) with full metadata; main process only."""
+                 run: _RunState, total_steps: int, prediction_type: str, *, validation: Any = None,
+                 output: Path | None = None) -> Path:
+    """Write the kohya file (EMA weights when --ema) with full metadata; main process only.
+    ``output``: somewhere else than ``--output`` (``--keep-best-validation``'s file)."""
     from . import kohya_format, lora_targets
 
-    output = config.output_path
+    output = output or config.output_path
     if accelerator.is_main_process:
         with _ema_weights(ema, params):
             unet_sd, te_sd = _adapter_state_dicts(config, models, accelerator)
@@ -838,10 +996,13 @@ def _export_lora(config: TrainConfig, accelerator: "Accelerator", models: Any, e
             te_alpha=lora_targets.module_alphas(accelerator.unwrap_model(models.text_encoder)) if te_sd else None,
         )
         per_epoch = max(1, math.ceil(len(data.images) / (config.batch_size * config.grad_accum * run.world)))
+        if getattr(data, "micro_batches_per_epoch", None):  # buckets: an epoch is every bucket's batches
+            per_epoch = max(1, math.ceil(data.micro_batches_per_epoch / config.grad_accum))
         dims = kohya_format.network_dims(tensors)  # what the file holds (--init-lora keeps its file's dims)
         described = dataclasses.replace(
             config, rank=dims["network"][0], alpha=dims["network"][1],
-            conv_rank=dims["conv"][0] if dims["conv"] else 0, conv_alpha=dims["conv"][1] if dims["conv"] else None)
+            conv_rank=dims["conv"][0] if dims["conv"] else 0, conv_alpha=dims["conv"][1] if dims["conv"] else None,
+            dora=kohya_format.is_dora(tensors))
         hashes = kohya_format.base_model_hashes(config.model, cache_dir=config.cache_path)
         metadata = kohya_format.build_metadata(
             described,
@@ -854,7 +1015,8 @@ def _export_lora(config: TrainConfig, accelerator: "Accelerator", models: Any, e
             epoch=math.ceil(run.global_step / per_epoch), num_epochs=math.ceil(total_steps / per_epoch),
             started_at=run.started_at, finished_at=_now(),
             v2=getattr(models, "family", "sd15").startswith("sd2"), v_prediction=prediction_type == "v_prediction",
-            num_processes=run.world,
+            num_processes=run.world, bucket_plan=getattr(data, "buckets", None),
+            validation=validation.metadata_values(run.validation) if validation is not None else None,
         )
         kohya_format.save_kohya_lora(output, tensors, metadata, dtype=config.save_precision)
     accelerator.wait_for_everyone()
@@ -885,7 +1047,8 @@ def _write_loss_plot(config: TrainConfig, run: _RunState, *, finished: bool) -> 
     out = config.output_path
     where = out.with_name(out.stem + ".loss.png") if finished else config.state_path / "loss.png"
     try:
-        return save_loss_curve(run.losses, where, title=f"{out.stem}: training loss")
+        title = f"{out.stem}: training loss" + (" and held-out validation loss" if run.validation else "")
+        return save_loss_curve(run.losses, where, title=title, validation=run.validation)
     except Exception as exc:  # noqa: BLE001 - a plot must never cost the user the LoRA
         log.warning("loss plot not written (%s)", exc)
         return None

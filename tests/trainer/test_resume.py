@@ -3,6 +3,7 @@ the checkpoint store is atomic, keeps the newest two, and round-trips every RNG.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -115,6 +116,77 @@ def test_in_process_cancel_and_resume_matches_with_accumulation_flip_and_dropout
     assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in tensors)
     assert meta["ss_training_started_at"] == meta["ss_training_finished_at"] == str(float(EPOCH))
     assert_same_file(cut.output_path, whole.output_path)
+
+
+FEATURES = ("--validation-split", "0.3", "--validation-every", "2", "--keep-best-validation", "--dora", "--optimizer",
+            "prodigy", "--lr", "1", "--prodigy-d-coef", "2", "--buckets")
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> Path:
+    from test_buckets import make_mixed
+
+    return make_mixed(tmp_path_factory.mktemp("mixed") / "data")
+
+
+def _features_cli(ckpt: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "facediffuser.cli", "train", "--model", str(ckpt), "--data", str(data),
+            "--output", str(out), "--steps", "6", "--save-every", "2", "--resolution", "128", "--rank", "4",
+            "--seed", "5", "--batch-size", "2", "--lora-dropout", "0.1", "--flip", *FEATURES, *extra]
+
+
+def test_sigkill_then_resume_is_byte_identical_with_validation_dora_prodigy_and_buckets(tiny_ckpt, mixed, tmp_path):
+    """The same kill -9 / --resume as above with all four issue-13 features on: a held-out split evaluated
+    every 2 steps (its curve continues, the best-step file is the same), DoRA, Prodigy (its estimate and
+    sums live in the optimizer state), and three aspect-ratio buckets. (DoRA with LoCon and the text
+    encoder resumes in the in-process test below.)"""
+    env = {**os.environ, "SOURCE_DATE_EPOCH": EPOCH, "PYTHONUNBUFFERED": "1"}
+    whole = tmp_path / "whole" / "face.safetensors"
+    subprocess.run(_features_cli(tiny_ckpt, mixed, whole), env=env, check=True, capture_output=True, timeout=900)
+
+    cut = tmp_path / "cut" / "face.safetensors"
+    state = cut.with_name("face.state")
+    proc = subprocess.Popen(_features_cli(tiny_ckpt, mixed, cut), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 900
+        while not ck.checkpoint_dirs(state):
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    killed_at = ck.read_info(ck.latest_checkpoint(state))["global_step"]
+    assert killed_at < 6 and not cut.exists()
+    r = subprocess.run(_features_cli(tiny_ckpt, mixed, cut, "--resume"), env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    print(f"killed after step {killed_at}")
+    from facediffuser.trainer.kohya_format import load_kohya_lora
+
+    tensors, meta = load_kohya_lora(cut)
+    assert any(k.endswith(".dora_scale") for k in tensors) and meta["ss_enable_bucket"] == "True"
+    assert len(json.loads(meta["ss_bucket_info"])["buckets"]) == 3
+    assert [s for s, _ in json.loads(meta["facediffuser_validation_loss"])] == [0, 2, 4, 6]
+    assert_same_file(cut, whole)
+    assert_same_file(cut.with_name("face.best.safetensors"), whole.with_name("face.best.safetensors"))
+
+
+def test_in_process_cancel_and_resume_matches_with_the_issue_13_features(tiny_ckpt, mixed, tmp_path, monkeypatch):
+    """Cancelled at a step between validations, resumed: the same losses, validation curve and file."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", EPOCH)
+    kw = dict(steps=4, resolution=128, batch_size=2, grad_accum=2, validation_split=0.3, validation_every=2,
+              keep_best_validation=True, dora=True, conv_rank=2, train_text_encoder=True, optimizer="prodigy", lr=1.0,
+              buckets=True, ema=0.8, lora_dropout=0.1, flip=True, save_precision="fp32")
+    r_whole = train(tiny_config(tiny_ckpt, mixed, tmp_path / "whole" / "face.safetensors", **kw))
+    cut = tiny_config(tiny_ckpt, mixed, tmp_path / "cut" / "face.safetensors", **kw)
+    done: list[int] = []
+    r1 = train(cut, callbacks=TrainCallbacks(on_step=lambda s, t, l: done.append(s), should_stop=lambda: len(done) >= 3))
+    assert r1.status == "cancelled" and r1.steps == 3 and [s for s, _ in r1.validation] == [0, 2]
+    cut.resume = True
+    r2 = train(cut)
+    assert r2.losses == r_whole.losses and r2.validation == r_whole.validation
+    assert [s for s, _ in r2.validation] == [0, 2, 4]
+    assert_same_file(cut.output_path, r_whole.output)
 
 
 def test_resume_refuses_changed_settings_and_missing_state(tiny_ckpt, shapes, tmp_path):
