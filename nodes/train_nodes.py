@@ -103,6 +103,8 @@ def spec_widget(spec: Any, *, lora_names: list[str] | None = None) -> tuple:
         return ("INT" if spec.kind == "int" else "FLOAT", opts)
     if spec.name == "sample_prompts":
         tip += " A text file under ComfyUI's input folder."
+    elif spec.name == "validation_data":
+        tip += " A folder under ComfyUI's input folder (like dataset)."
     elif spec.name == "logging_dir":
         tip += " A folder name under ComfyUI's output folder."
     return ("STRING", {"default": spec.default or "", "tooltip": tip + (" Empty = not set." if spec.optional else "")})
@@ -248,6 +250,10 @@ def _resolve_paths(values: dict[str, Any]) -> dict[str, Any]:
         if f.parent != folder or not f.is_file():
             raise UserError(f"sample_prompts {prompts!r}: no such text file in {folder}")
         out["sample_prompts"] = str(f)
+    held_out = str(out.get("validation_data") or "").strip()
+    if held_out:  # like the dataset: under ComfyUI's input folder or $FACEDIFFUSER_DATASET_ROOTS
+        out["validation_data"] = str(resolve_user_folder(held_out, input_dir=comfy_input_dir(), extra_roots=env_roots(),
+                                                         what="validation_data"))
     logs = str(out.get("logging_dir") or "").strip()
     if logs:
         out["logging_dir"] = str(safe_join(comfy_output_dir(), logs, what="logging_dir"))

@@ -97,7 +97,7 @@ class TrainConfig:
     lora_dropout: float = field(default=0.0, metadata=_opt("Dropout on the LoRA branch during training.", weights=True, resume=False, ss="ss_network_dropout", lo=0.0, hi=0.99, step=0.01, metavar="P"))
     conv_rank: int = field(default=0, metadata=_opt("Also train LoCon adapters on ResNet 3x3 convs with this rank (0 = off, kohya's default).", weights=True, resume=False, ss="ss_network_args", lo=0, hi=1024, metavar="R"))
     conv_alpha: float | None = field(default=None, metadata=_opt("Alpha of the conv adapters (default: conv alpha = conv rank).", weights=True, resume=False, ss="ss_network_args", lo=0.0, hi=4096.0, step=0.5, metavar="A"))
-    dora: bool = field(default=False, metadata=_opt("DoRA (weight-decomposed LoRA): also train a magnitude per output channel; saved as kohya/LyCORIS dora_scale, which ComfyUI and Forge load.", group="basic", weights=True, resume=False, ss="ss_network_module"))
+    dora: bool = field(default=False, metadata=_opt("DoRA (weight-decomposed LoRA): also train a magnitude per output channel; saved as kohya/LyCORIS dora_scale, which ComfyUI and Forge load.", weights=True, resume=False, ss="ss_network_module"))
     train_text_encoder: bool = field(default=False, metadata=_opt("Also train LoRA adapters on the CLIP text encoder (disables the text-embedding cache; load the LoRA with model + clip).", group="basic", weights=True, resume=False, ss="facediffuser_train_text_encoder"))
 
     # --- optimisation -------------------------------------------------------------------------
@@ -123,7 +123,7 @@ class TrainConfig:
 
     # --- data ---------------------------------------------------------------------------------
     resolution: int = field(default=512, metadata=_opt("Training resolution in pixels (a multiple of 8); with --no-buckets images are resized (short side) and centre-cropped to a square.", group="basic", weights=True, resume=False, ss="ss_resolution", lo=64, hi=4096, step=8, metavar="PX"))
-    buckets: bool = field(default=True, metadata=_opt("Aspect-ratio buckets: each image keeps its shape in a bucket of about --resolution squared pixels (sides multiples of 64), batches drawn within one bucket; --no-buckets centre-crops every image to a square. Square images train the same either way.", group="basic", weights=True, resume=False, ss="ss_enable_bucket"))
+    buckets: bool = field(default=True, metadata=_opt("Aspect-ratio buckets: each image keeps its shape in a bucket of about --resolution squared pixels (sides multiples of 64), batches drawn within one bucket; --no-buckets centre-crops every image to a square. Square images train the same either way.", weights=True, resume=False, ss="ss_enable_bucket"))
     min_bucket_reso: int | None = field(default=None, metadata=_opt("Shortest bucket side in pixels, a multiple of 64 (default: half the resolution, at least 64).", weights=True, resume=False, ss="ss_min_bucket_reso", lo=64, hi=4096, step=64, metavar="PX"))
     max_bucket_reso: int | None = field(default=None, metadata=_opt("Longest bucket side in pixels, a multiple of 64 (default: twice the resolution).", weights=True, resume=False, ss="ss_max_bucket_reso", lo=64, hi=8192, step=64, metavar="PX"))
     bucket_no_upscale: bool = field(default=False, metadata=_opt("With buckets: never upscale; an image smaller than the bucket area gets a bucket of its own size (rounded down to 64).", weights=True, resume=False, ss="ss_bucket_no_upscale"))
@@ -137,7 +137,7 @@ class TrainConfig:
     dataloader_workers: int = field(default=0, metadata=_opt("DataLoader worker processes (the data is the same with any number).", weights=False, resume=True, lo=0, hi=64, metavar="N"))
 
     # --- held-out validation ------------------------------------------------------------------
-    validation_split: float = field(default=0.0, metadata=_opt("Hold out this fraction of the images (picked from their contents and --seed) for a validation loss; 0 = off.", group="basic", weights=True, resume=False, ss="ss_validation_split", lo=0.0, hi=0.9, step=0.05, metavar="F"))
+    validation_split: float = field(default=0.0, metadata=_opt("Hold out this fraction of the images (picked from their contents and --seed) for a validation loss; 0 = off.", weights=True, resume=False, ss="ss_validation_split", lo=0.0, hi=0.9, step=0.05, metavar="F"))
     validation_data: str | None = field(default=None, metadata=_opt("Folder of held-out images (captions as for --data) for the validation loss, instead of --validation-split.", group="paths", weights=False, resume=False, ss="facediffuser_validation_data", metavar="DIR"))
     validation_every: int = field(default=50, metadata=_opt("Compute the validation loss every N steps (and before the first and after the last step).", weights=False, resume=True, ss="ss_validate_every_n_steps", lo=1, hi=1_000_000, metavar="N"))
     keep_best_validation: bool = field(default=False, metadata=_opt("Also write <output stem>.best.safetensors: the adapter at the step with the lowest validation loss.", weights=False, resume=False, ss="facediffuser_keep_best_validation"))
@@ -354,7 +354,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for spec in _specs():
         if spec.kind == "bool":
             parser.add_argument(spec.flag, spec.negative_flag, dest=spec.name, action=_Toggle, negative=spec.negative_flag,
-                                default=None, help=spec.tooltip)
+                                default=None, help=spec.tooltip + (" (default: True)" if spec.default is True else ""))
             continue
         default_text = f" (default: {spec.default})" if spec.default not in (None, False, "") else ""
         parser.add_argument(

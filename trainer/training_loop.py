@@ -123,6 +123,8 @@ def _train(config: TrainConfig, *, callbacks: TrainCallbacks | None = None) -> T
     t0 = time.perf_counter()
     callbacks = callbacks or TrainCallbacks()
     config.validate()
+    if config.optimizer == "prodigy":
+        _import_prodigy()  # a missing package fails before the data check and the models, not after
     _check_writable(config)  # before the data check and any model or cache: a bad --output fails in a second
     scan = _check_dataset(config)  # before any model is loaded: bad data fails in a second
     scan, held_out = _split_validation(config, scan)  # held-out images never reach the training data
@@ -786,12 +788,7 @@ def _prodigy(groups: list[dict[str, Any]], config: TrainConfig) -> Any:
     """Prodigy (prodigyopt): Adam with a learning rate it estimates itself; ``lr`` (1 is usual)
     multiplies that estimate. AdamW-style decoupled weight decay. Its whole state (the estimate
     ``d`` and its sums live in the param groups) is in ``state_dict()``, so a resume continues it."""
-    try:
-        from prodigyopt import Prodigy
-    except ImportError:
-        raise UserError("--optimizer prodigy needs the prodigyopt package (pip install prodigyopt, or facediffuser[prodigy]), "
-                        "or use --optimizer adamw") from None
-    optimizer = Prodigy(groups, lr=config.lr, weight_decay=0.0, decouple=True, d_coef=config.prodigy_d_coef,
+    optimizer = _import_prodigy()(groups, lr=config.lr, weight_decay=0.0, decouple=True, d_coef=config.prodigy_d_coef,
                         safeguard_warmup=config.prodigy_safeguard_warmup,
                         use_bias_correction=config.prodigy_use_bias_correction)
     # set after construction: Prodigy prints (not logs) a line when built with weight decay
@@ -799,6 +796,16 @@ def _prodigy(groups: list[dict[str, Any]], config: TrainConfig) -> Any:
         group["weight_decay"] = config.weight_decay
     optimizer.defaults["weight_decay"] = config.weight_decay
     return optimizer
+
+
+def _import_prodigy() -> Any:
+    """prodigyopt's ``Prodigy`` class, or the one-line error naming the package."""
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise UserError("--optimizer prodigy needs the prodigyopt package (pip install prodigyopt, or facediffuser[prodigy]), "
+                        "or use --optimizer adamw") from None
+    return Prodigy
 
 
 def _current_lr(optimizer: Any, lr_scheduler: Any) -> float:

@@ -221,6 +221,24 @@ def test_every_setting_is_one_node_input_generated_from_its_spec(fake_folder_pat
     assert [s.name for s in setting_specs() if s.group == "basic"] == train_settings  # the common ones are widgets
 
 
+def test_options_node_has_the_issue_13_settings_and_resolves_validation_data(fake_folder_paths, tmp_path) -> None:
+    """Validation, DoRA, Prodigy and bucket settings are options-node widgets; the held-out folder is
+    found like the dataset (under ComfyUI's input folder), never anywhere on disk."""
+    from facediffuser.nodes.train_nodes import FaceDiffuserTrainOptions, _resolve_paths
+
+    options = FaceDiffuserTrainOptions.INPUT_TYPES()["required"]
+    for name in ("validation_split", "validation_data", "validation_every", "keep_best_validation", "dora",
+                 "prodigy_d_coef", "prodigy_safeguard_warmup", "prodigy_use_bias_correction", "buckets",
+                 "min_bucket_reso", "max_bucket_reso", "bucket_no_upscale"):
+        assert name in options, name
+    assert "prodigy" in options["optimizer"][0] and options["buckets"][1]["default"] is True
+    (tmp_path / "input" / "held_out").mkdir(parents=True)
+    assert _resolve_paths({"validation_data": "held_out"})["validation_data"] == str((tmp_path / "input" / "held_out").resolve())
+    assert _resolve_paths({"validation_data": ""})["validation_data"] == ""
+    with pytest.raises(UserError, match=r"validation_data '/etc' is outside the allowed folders"):
+        _resolve_paths({"validation_data": "/etc"})
+
+
 def test_node_builds_the_cli_config(tmp_path) -> None:
     import argparse
 

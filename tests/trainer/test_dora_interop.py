@@ -20,8 +20,11 @@ What the consumers do (checked, not assumed):
   ``FACEDIFFUSER_COMFYUI_DIR`` (tools/get_comfyui.py).
 * **diffusers** 0.42 ``load_lora_weights`` drops ``dora_scale`` keys with a warning ("DoRA checkpoint
   that is not compatible in Diffusers") for SD1.x kohya files: the test asserts that (so a change is
-  noticed) and checks the file instead through peft directly — ``kohya_to_peft`` into a DoRA
-  ``LoraConfig`` on the pipeline's own UNet and text encoder — against the in-memory model.
+  noticed). Its own kohya conversion (``_convert_non_diffusers_lora_to_diffusers``) does map
+  ``dora_scale`` to ``lora_magnitude_vector``; with the magnitudes reshaped to peft's parameter shape,
+  ``load_lora_into_unet`` gives the in-memory UNet's output. Its text-encoder DoRA names are broken
+  (asserted); the text encoder, and the whole file, are then checked through peft directly —
+  ``kohya_to_peft`` into a DoRA ``LoraConfig`` on the pipeline's own modules.
 """
 
 from __future__ import annotations
@@ -123,12 +126,24 @@ class _Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def test_diffusers_drops_dora_scale_and_peft_loads_the_file_exactly(dora_file: DoraFile, sd15_full_checkpoint: Path) -> None:
+def _peft_magnitude_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file's ``dora_scale`` ([out, 1] / [out, 1, 1, 1], the layout ComfyUI and Forge read) in
+    peft's parameter shape ([out] / [1, out, 1, 1]): the same numbers, the one thing diffusers'
+    kohya conversion does not do for a DoRA file."""
+    return {k: (v.reshape(-1) if v.dim() == 2 else v.reshape(1, -1, 1, 1)) if ".lora_magnitude_vector." in k else v
+            for k, v in sd.items()}
+
+
+def test_diffusers_loader_gives_the_in_memory_outputs(dora_file: DoraFile, sd15_full_checkpoint: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
     from peft import inject_adapter_in_model, set_peft_model_state_dict
 
     from facediffuser.sd.model_loading import load_pipeline
 
     pipe = load_pipeline(sd15_full_checkpoint)
+    # 1. load_lora_weights drops every dora_scale of an SD1.x kohya file, with a warning (asserted, so a
+    #    diffusers that starts reading them is noticed)
     handler = _Records()
     logging.getLogger("diffusers").addHandler(handler)
     try:
@@ -139,7 +154,29 @@ def test_diffusers_drops_dora_scale_and_peft_loads_the_file_exactly(dora_file: D
         logging.getLogger("diffusers").removeHandler(handler)
     assert any("DoRA checkpoint that is not compatible in Diffusers" in m for m in handler.messages), handler.messages
     assert not any("lora_magnitude_vector" in n for n, _ in pipe.unet.named_parameters()), \
-        "diffusers now loads kohya DoRA: compare it like plain LoRA in test_lora_interop.py"
+        "diffusers now loads kohya DoRA: compare load_lora_weights' outputs directly"
+    pipe.unload_lora_weights()
+
+    # 2. diffusers' own kohya conversion (it maps dora_scale to lora_magnitude_vector) and its UNet
+    #    loader, the magnitudes in peft's shape: the UNet gives the in-memory model's output
+    converted, network_alphas = _convert_non_diffusers_lora_to_diffusers(dict(dora_file.tensors))
+    converted = _peft_magnitude_layout(converted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        StableDiffusionPipeline.load_lora_into_unet(converted, network_alphas, unet=pipe.unet, adapter_name="diffusers")
+    magnitudes = [n for n, _ in pipe.unet.named_parameters() if "lora_magnitude_vector" in n]
+    assert len(magnitudes) == 278, len(magnitudes)
+    with torch.no_grad():
+        pipe.unet.eval()
+        out = pipe.unet(dora_file.inputs["latents"], dora_file.inputs["timestep"], dora_file.ref_hidden,
+                        return_dict=False)[0].float()
+    e_unet = _rel(out, dora_file.ref_unet_out)
+    print(f"\n[dora_interop] diffusers' conversion + load_lora_into_unet vs in-memory UNet: rel err {e_unet:.2e}")
+    assert e_unet <= 1e-5
+    # its text-encoder conversion names the magnitudes "<module>.lora_magnitude_vector.down.weight", which
+    # no loader matches (diffusers 0.42): asserted, so a fix is noticed; the TE is checked through peft below
+    te_magnitudes = [k for k in converted if k.startswith("text_encoder.") and "lora_magnitude_vector" in k]
+    assert len(te_magnitudes) == 72 and all(k.endswith(".lora_magnitude_vector.down.weight") for k in te_magnitudes)
     pipe.unload_lora_weights()
 
     # the file through peft itself: kohya -> peft state dicts -> DoRA adapters on the pipeline's modules

@@ -1,4 +1,4 @@
-"""Prodigy (``--optimizer prodigy``): the learning-rate default, the settings reaching prodigyopt (the
+"""Prodigy (``--optimizer prodigy``): its learning rate (a multiplier, refused at AdamW's size), the settings reaching prodigyopt (the
 same updates as prodigyopt built by hand), a one-line error without the package, the flags and
 TOML keys, and a training run's metadata."""
 
@@ -16,7 +16,7 @@ import torch
 from facediffuser.errors import UserError
 from facediffuser.trainer import kohya_format as kf
 from facediffuser.trainer import training_loop as tl
-from facediffuser.trainer.config import TrainConfig, add_arguments, config_from_args
+from facediffuser.trainer.config import SettingError, TrainConfig, add_arguments, config_from_args
 from test_training_loop import make_shapes, tiny_config
 
 pytest.importorskip("prodigyopt", reason="prodigyopt is the optional [prodigy] extra; the test install has it")
@@ -26,12 +26,14 @@ def _cfg(**kw) -> TrainConfig:
     return TrainConfig(model="m", data="d", output="o.safetensors", **kw)
 
 
-def test_learning_rate_defaults_follow_the_optimizer():
-    assert _cfg().effective_lr == 1e-4 and _cfg(optimizer="adamw8bit").effective_lr == 1e-4
-    assert _cfg(optimizer="prodigy").effective_lr == 1.0
-    assert _cfg(optimizer="prodigy", lr=0.5).effective_lr == 0.5
-    assert _cfg(optimizer="prodigy", lr=0.5, text_encoder_lr=0.25).effective_text_encoder_lr == 0.25
-    assert _cfg(optimizer="prodigy").effective_text_encoder_lr == 1.0
+def test_prodigy_with_an_adamw_learning_rate_is_a_one_line_error():
+    """--lr is a multiplier of Prodigy's own estimate: AdamW's 1e-4 would freeze training, so say so."""
+    with pytest.raises(SettingError, match=r"--optimizer prodigy takes --lr as a multiplier .*set --lr 1 \(got 0.0001") as info:
+        _cfg(optimizer="prodigy").validate()
+    assert "\n" not in str(info.value) and info.value.setting == "lr"
+    assert _cfg(optimizer="prodigy", lr=1.0).validate().lr == 1.0
+    assert _cfg(optimizer="prodigy", lr=0.5).validate().lr == 0.5
+    assert _cfg(optimizer="adamw", lr=0.0).validate().lr == 0.0  # AdamW keeps lr 0 (an unchanged --init-lora)
 
 
 def _quadratic_run(make_opt, steps: int = 6) -> list[torch.Tensor]:
@@ -52,7 +54,7 @@ def _quadratic_run(make_opt, steps: int = 6) -> list[torch.Tensor]:
 def test_our_prodigy_makes_prodigyopts_updates_and_prints_nothing(capsys):
     from prodigyopt import Prodigy
 
-    cfg = _cfg(optimizer="prodigy", prodigy_d_coef=2.0, prodigy_safeguard_warmup=False, weight_decay=0.05,
+    cfg = _cfg(optimizer="prodigy", lr=1.0, prodigy_d_coef=2.0, prodigy_safeguard_warmup=False, weight_decay=0.05,
                lr_warmup_steps=2)
     ours = _quadratic_run(lambda a, b: tl._make_optimizer(cfg, {"unet.a": a, "text_encoder.b": b}, 6))
     assert capsys.readouterr().out == "", "Prodigy's construction print must not reach stdout"
@@ -76,7 +78,7 @@ def test_our_prodigy_makes_prodigyopts_updates_and_prints_nothing(capsys):
     assert g["d"] == 1e-6 and tl._current_lr(opt, sched) == g["d"] * sched.get_last_lr()[0]
 
 
-def test_missing_prodigyopt_is_a_one_line_error(monkeypatch):
+def test_missing_prodigyopt_is_a_one_line_error(monkeypatch, tmp_path):
     real_import = builtins.__import__
 
     def no_prodigy(name, *a, **k):
@@ -87,19 +89,23 @@ def test_missing_prodigyopt_is_a_one_line_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "prodigyopt", None)
     monkeypatch.setattr(builtins, "__import__", no_prodigy)
     with pytest.raises(UserError, match=r"needs the prodigyopt package \(pip install prodigyopt") as info:
-        tl._make_optimizer(_cfg(optimizer="prodigy"), {"unet.x": torch.nn.Parameter(torch.zeros(2))}, 10)
+        tl._make_optimizer(_cfg(optimizer="prodigy", lr=1.0), {"unet.x": torch.nn.Parameter(torch.zeros(2))}, 10)
     assert "\n" not in str(info.value)
+    # train() says so before it reads the data or loads a model: nothing at these paths exists
+    with pytest.raises(UserError, match=r"needs the prodigyopt package"):
+        tl.train(TrainConfig(model="no-such.safetensors", data="no-such-folder", output=str(tmp_path / "o.safetensors"),
+                             optimizer="prodigy", lr=1.0))
 
 
 def test_feature_flags_and_toml_keys(tmp_path):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     toml = tmp_path / "run.toml"
-    toml.write_text('model = "m"\ndata = "d"\noutput = "o.safetensors"\noptimizer = "prodigy"\nprodigy_d_coef = 0.5\n'
+    toml.write_text('model = "m"\ndata = "d"\noutput = "o.safetensors"\noptimizer = "prodigy"\nlr = 1.0\nprodigy_d_coef = 0.5\n'
                     'buckets = false\nvalidation_split = 0.1\ndora = true\n')
     cfg = config_from_args(parser.parse_args(["--config", str(toml)]))
     assert (cfg.optimizer, cfg.prodigy_d_coef, cfg.buckets, cfg.validation_split, cfg.dora) == ("prodigy", 0.5, False, 0.1, True)
-    assert cfg.effective_lr == 1.0 and cfg.prodigy_safeguard_warmup is True
+    assert cfg.lr == 1.0 and cfg.prodigy_safeguard_warmup is True
     cfg = config_from_args(parser.parse_args(["--config", str(toml), "--buckets", "--no-prodigy-safeguard-warmup",
                                               "--validation-every", "7", "--keep-best-validation"]))
     assert cfg.buckets is True and cfg.prodigy_safeguard_warmup is False and cfg.validation_every == 7

@@ -67,6 +67,7 @@ def test_every_boolean_can_be_turned_off_over_toml(tmp_path):
     toml = tmp_path / "run.toml"
     bools = [s for s in setting_specs() if s.kind == "bool"]
     toml.write_text('model = "m.safetensors"\ndata = "faces"\noutput = "o.safetensors"\n'
+                    'validation_split = 0.1\n'  # keep_best_validation needs a validation set
                     + "".join(f"{s.name} = true\n" for s in bools))
     on = _parse(["--config", str(toml)])
     assert all(getattr(on, s.name) is True for s in bools)
@@ -86,7 +87,7 @@ def test_every_boolean_can_be_turned_off_over_toml(tmp_path):
     ("trigger = 5", "trigger = 5: expected a string"),
     ("rank = 0", "--rank must be between 1 and 1024 (got 0) (set in this file)"),
     ("caption_dropout = 1.5", "--caption-dropout must be between 0.0 and 0.99 (got 1.5) (set in this file)"),
-    ('optimizer = "sgd"', "--optimizer must be one of adamw, adamw8bit (got 'sgd') (set in this file)"),
+    ('optimizer = "sgd"', "--optimizer must be one of adamw, adamw8bit, prodigy (got 'sgd') (set in this file)"),
     ("learning_rate = 1e-4", "unknown setting(s) learning_rate"),
 ])
 def test_bad_toml_values_are_one_line_errors_naming_file_and_key(tmp_path, capsys, line, message):
