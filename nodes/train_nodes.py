@@ -180,11 +180,16 @@ def existing_lora_matches(meta: Mapping[str, str], config: Any, *, train_data_di
 
 
 def dataset_digest(config: Any) -> str:
-    """:func:`~..trainer.kohya_format.train_data_digest` of the data ``config`` would train on."""
+    """:func:`~..trainer.kohya_format.train_data_digest` of the data ``config`` would train on
+    (without the images ``validation_split`` holds out)."""
     from ..trainer.dataset import check_dataset
     from ..trainer.kohya_format import train_data_digest
 
     scan = check_dataset(config)
+    if config.validation_split:  # the held-out images are not trained on, nor in the file's digest
+        from ..trainer.validation import split_validation
+
+        scan = split_validation(config, scan)[0]
     return train_data_digest([r.sha256 for r in scan.images], scan.captions, [r.mask_sha256 for r in scan.images])
 
 

@@ -123,8 +123,9 @@ class BucketPlan:
 def plan_buckets(image_sizes: Sequence[Size], resolution: int, *, enabled: bool, min_side: int, max_side: int,
                  no_upscale: bool = False) -> BucketPlan:
     """Assign every image (its upright ``(width, height)``) a training size."""
-    if not enabled:
-        return BucketPlan(tuple((resolution, resolution) for _ in image_sizes), False)
+    if not enabled:  # every image centre-cropped to the square; sd-scripts still reports the crop's error
+        return BucketPlan(tuple((resolution, resolution) for _ in image_sizes), False,
+                          tuple(1.0 - w / h for w, h in image_sizes))
     resos = bucket_resolutions(resolution, min_side, max_side)
     chosen = [select_bucket(w, h, resos, no_upscale=no_upscale, max_area=resolution * resolution) for w, h in image_sizes]
     return BucketPlan(tuple(size for size, _ in chosen), True, tuple(err for _, err in chosen),

@@ -668,12 +668,13 @@ def _run_metadata(config: "TrainConfig", bucket_plan: Any, validation: Mapping[s
     """What the run found, beside the settings: the buckets used and the held-out validation.
 
     * ``ss_bucket_info`` as sd-scripts writes it: the used buckets in sorted order,
-      ``{"resolution": [w, h], "count": n}``, and the mean absolute aspect-ratio error.
+      ``{"resolution": [w, h], "count": n}``, and the mean absolute aspect-ratio error (with
+      ``--no-buckets``: the one square bucket and the error of the square crop, as sd-scripts reports it).
     * Validation: sd-scripts' ``ss_num_validation_images`` and ``ss_validation_seed``; ours: the
       held-out images' digests (they never trained: an honest real set for the evaluator), the
       curve ``[[step, loss], ...]`` and the best step and loss."""
     meta: dict[str, Any] = {}
-    if bucket_plan is not None and bucket_plan.enabled:
+    if bucket_plan is not None:
         meta["ss_bucket_info"] = json.dumps(bucket_plan.info())
     v = validation or {}
     meta["ss_num_validation_images"] = len(v.get("digests", ()))

@@ -308,6 +308,14 @@ def test_existing_lora_reuse_check(tmp_path) -> None:
     assert existing_lora_matches(meta, _node_config(tmp_path, no_cache=True), **same)[1] == "ss_cache_latents is 'True', wanted 'False'"
     assert existing_lora_matches(meta, _node_config(tmp_path, ema=0.99), **same)[1] == "facediffuser_ema is 'None', wanted '0.99'"
     assert existing_lora_matches(meta, _node_config(tmp_path, dataloader_workers=2, gradient_checkpointing=True), **same)[0]
+    # so are the issue-13 settings (validation_every only says when the curve is sampled)
+    assert existing_lora_matches(meta, _node_config(tmp_path, dora=True), **same)[1] == \
+        """ss_network_args is None, wanted '{"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}'"""
+    assert existing_lora_matches(meta, _node_config(tmp_path, buckets=False), **same)[1] == \
+        "ss_enable_bucket is 'True', wanted 'False'"
+    assert existing_lora_matches(meta, _node_config(tmp_path, validation_split=0.2), **same)[1] == \
+        "ss_validation_split is '0.0', wanted '0.2'"
+    assert existing_lora_matches(meta, _node_config(tmp_path, validation_every=7), **same)[0]
     # a different base checkpoint (same file name) or different data
     assert existing_lora_matches(meta, cfg, train_data_digest=digest, base_model_sha256="d" * 64) == \
         (False, "the base checkpoint differs (ss_new_sd_model_hash)")
@@ -315,6 +323,36 @@ def test_existing_lora_reuse_check(tmp_path) -> None:
     assert existing_lora_matches(meta, cfg, train_data_digest=edited, base_model_sha256="c" * 64) == \
         (False, "the dataset differs (images, captions or face masks)")
     assert not existing_lora_matches({}, cfg, **same)[0]
+
+
+def test_a_lora_trained_with_a_validation_split_is_reused(sd15_tiny_checkpoint, tmp_path) -> None:
+    """The node's data digest leaves out the held-out images, as the file's does: same settings, reused."""
+    import shutil
+
+    from facediffuser.nodes.train_nodes import dataset_digest, existing_lora_matches
+    from facediffuser.trainer.kohya_format import read_lora_metadata
+    from PIL import Image
+
+    from facediffuser.trainer.config import TrainConfig
+    from facediffuser.trainer.training_loop import train
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(5):
+        Image.new("RGB", (64, 64), (40 * i, 200 - 30 * i, 90)).save(data / f"{i}.png")
+    ckpt = Path(shutil.copy2(sd15_tiny_checkpoint, tmp_path / "tiny.safetensors"))
+
+    def config(seed: int) -> TrainConfig:
+        return TrainConfig(model=str(ckpt), data=str(data), output=str(tmp_path / "out" / "face.safetensors"), steps=1,
+                           resolution=64, rank=4, seed=seed, validation_split=0.4, validation_every=1)
+
+    cfg = config(7)
+    meta = read_lora_metadata(train(cfg).output)
+    assert meta["ss_num_validation_images"] == "2"
+    assert existing_lora_matches(meta, cfg, train_data_digest=dataset_digest(cfg), base_model_sha256=None)[0]
+    other = config(8)
+    assert existing_lora_matches(meta, other, train_data_digest=dataset_digest(other), base_model_sha256=None)[1] == \
+        f"ss_seed is '{cfg.seed}', wanted '{cfg.seed + 1}'"
 
 
 def test_base_model_hashes_are_sd_scripts_and_cached(tmp_path) -> None:

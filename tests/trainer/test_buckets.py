@@ -71,6 +71,8 @@ def test_plan_and_ss_bucket_info_have_sd_scripts_shape():
     assert info["mean_img_ar_error"] == pytest.approx(expected_err)
     off = bk.plan_buckets([(600, 800), (512, 512)], 512, enabled=False, min_side=256, max_side=1024)
     assert off.sizes == ((512, 512), (512, 512)) and not off.enabled
+    # sd-scripts reports the square crop's aspect-ratio error without buckets too
+    assert off.info() == {"buckets": {"0": {"resolution": [512, 512], "count": 2}}, "mean_img_ar_error": pytest.approx(0.125)}
 
 
 def test_bucket_settings_defaults_and_errors():
