@@ -202,8 +202,18 @@ def install_extension(webui: Path, python: Path, data: Path, source: Path) -> tu
 
 # --- fixtures: checkpoint, Inception, images --------------------------------------------------------------
 
+def _importable() -> None:
+    """``import facediffuser`` for this script, whatever this checkout's folder is called."""
+    try:
+        import facediffuser  # noqa: F401
+    except ImportError:
+        root = Path(tempfile.mkdtemp(prefix="fd-import-"))
+        (root / "facediffuser").symlink_to(REPO, target_is_directory=True)
+        sys.path.insert(0, str(root))
+
+
 def prepare(data: Path, checkpoint: Path | None) -> dict[str, Path]:
-    sys.path.insert(0, str(REPO.parent))
+    _importable()
     models = data / "models"
     ckpt_dir, lora_dir, inc_dir = models / "Stable-diffusion", models / "Lora", models / "inception"
     for d in (ckpt_dir, lora_dir, inc_dir):
