@@ -70,7 +70,7 @@ def _report_error(p: Any, text: str) -> None:
     log.warning("%s", text)
     if hasattr(p, "comment"):
         p.comment(text)
-    p.extra_generation_params["FaceDiffuser FID error"] = text.replace(",", ";")
+    p.extra_generation_params["FaceDiffuser FID error"] = text  # the web UI quotes values with commas
 
 
 def on_process(p: Any, values: tuple) -> None:

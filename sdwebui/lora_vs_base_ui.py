@@ -46,7 +46,7 @@ def build_ui(is_img2img: bool, elem_id) -> list[Any]:
         lora = gr.Dropdown(label="LoRA (from the web UI's Lora folder)", choices=names, value=names[0] if names else None,
                            elem_id=elem_id("lora"))
         weight = gr.Slider(label="LoRA weight", minimum=0.0, maximum=2.0, step=0.05, value=0.8, elem_id=elem_id("weight"))
-        n = gr.Number(label="N images per side", value=16, precision=0, minimum=2, elem_id=elem_id("n"))
+        n = gr.Number(label="N images per side (at least 2)", value=16, precision=0, elem_id=elem_id("n"))
     prompts = gr.Textbox(label="Prompts, one per line, cycled (empty: the prompt above)", lines=3, value="",
                          elem_id=elem_id("prompts"))
     with gr.Row():

@@ -39,22 +39,33 @@ def start_from_form(checkpoint_title: str, dataset: str, name: str, start_over: 
         return f"error: {exc}"
 
 
+def _make(cls: Any, **kwargs: Any) -> Any:
+    """``cls(**kwargs)`` without the keywords this gradio version does not have (A1111 ships
+    gradio 3.41, Forge 4.40: e.g. ``gr.Number(minimum=...)`` is not in every 3.x)."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    return cls(**kwargs)
+
+
 def _component(f: Any):
     import gradio as gr
 
     common = {"label": f.label, "info": f.tooltip, "elem_id": f"facediffuser_train_{f.name}"}
     if f.widget == "checkbox":
-        return gr.Checkbox(value=f.value, **common)
+        return _make(gr.Checkbox, value=f.value, **common)
     if f.widget == "dropdown":
-        return gr.Dropdown(choices=list(f.choices), value=f.value, **common)
+        return _make(gr.Dropdown, choices=list(f.choices), value=f.value, **common)
     if f.widget == "number":
         kw = {"precision": f.precision} if f.precision is not None else {}
         if f.minimum is not None:
             kw["minimum"] = f.minimum
         if f.maximum is not None:
             kw["maximum"] = f.maximum
-        return gr.Number(value=f.value, **kw, **common)
-    return gr.Textbox(value=f.value, **common)
+        return _make(gr.Number, value=f.value, **kw, **common)
+    return _make(gr.Textbox, value=f.value, **common)
 
 
 def build_tab() -> Any:

@@ -299,6 +299,8 @@ def check_train(ui: WebUI, rep: Report, paths: dict, title: str) -> Path | None:
         if re.search(r"train:\s+\d+%", prog.get("log", "")) or prog["status"] not in ("loading",):
             break
         time.sleep(0.2)
+    seen = [line for line in prog.get("log", "").splitlines() if line.strip()][-1:]
+    print(f"      (stop requested {time.time() - t0:.1f} s after start; child's last log line: {seen[0][:160] if seen else '-'!r})")
     ui.post("/facediffuser/v1/train/stop", {})
     while time.time() < deadline:
         prog = ui.get("/facediffuser/v1/train")
@@ -382,7 +384,7 @@ def check_fid(ui: WebUI, rep: Report, paths: dict) -> str | None:
     finally:
         os.replace(moved, paths["inception"])
     msg = info["extra_generation_params"].get("FaceDiffuser FID error", "")
-    in_log = msg.split(": ", 1)[-1][:60] in log.replace(",", ";")
+    in_log = msg.split(": ", 1)[-1][:60] in log
     rep.line(paths["inception"].name in msg and "models/inception" in msg.replace(os.sep, "/") and in_log,
              "fid missing weights", f"{msg[:300] or 'no error in the response'} (also in the web UI's log: {in_log})")
 

@@ -90,15 +90,17 @@ class CLIRun:
         self.command: list[str] = []
         self.log_path: Path | None = None
         self._log: IO[bytes] | None = None
+        self._log_start = 0
         self.started_at: float | None = None
 
-    def _launch(self, command: str, args: Sequence[str]) -> None:
+    def _launch(self, command: str, args: Sequence[str], *, append: bool = False) -> None:
         if self.running:
             raise UserError(f"a {self.command[3] if len(self.command) > 3 else 'facediffuser'} run is still going: stop it first")
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.work_dir / f"{command}.log"
         self.close_log()
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "ab" if append else "wb")
+        self._log_start = self._log.tell()  # where this child's output begins (a resumed run appends)
         self.command = [self.python, "-m", f"{PACKAGE}.cli", command, *[str(a) for a in args]]
         self._log.write(("$ " + " ".join(self.command) + "\n").encode())
         self._log.flush()
@@ -147,14 +149,15 @@ class CLIRun:
             self._log.close()
             self._log = None
 
-    def log_tail(self, max_chars: int = LOG_TAIL_CHARS) -> str:
-        """The end of the log, with tqdm's carriage-return redraws reduced to their last state."""
+    def log_tail(self, max_chars: int = LOG_TAIL_CHARS, *, this_child: bool = False) -> str:
+        """The end of the log, with tqdm's carriage-return redraws reduced to their last state
+        (``this_child``: only what the latest child printed)."""
         if self.log_path is None or not self.log_path.is_file():
             return ""
         with open(self.log_path, "rb") as fh:
             fh.seek(0, os.SEEK_END)
             size = fh.tell()
-            fh.seek(max(0, size - 4 * max_chars))
+            fh.seek(max(self._log_start if this_child else 0, size - 4 * max_chars))
             text = fh.read().decode("utf-8", errors="replace")
         lines = []
         for line in text.split("\n"):
@@ -164,7 +167,7 @@ class CLIRun:
 
     def last_error(self) -> str | None:
         """The line the CLI printed for a user error (``facediffuser <cmd>: error: ...``), if any."""
-        for line in reversed(self.log_tail().splitlines()):
+        for line in reversed(self.log_tail(this_child=True).splitlines()):
             if ": error: " in line and line.startswith(PACKAGE):
                 return line.split(": error: ", 1)[1].strip()
         return None
@@ -301,7 +304,7 @@ class TrainRun(CLIRun):
         if not self.resumed and self.progress_path.exists():
             self.progress_path.unlink()  # a fresh run: a fresh loss history
         extra = ["--progress-file", str(self.progress_path), "--stop-file", str(self.stop_path)]
-        self._launch("train", [*args, *extra, *(["--resume"] if self.resumed else [])])
+        self._launch("train", [*args, *extra, *(["--resume"] if self.resumed else [])], append=self.resumed)
         return self.resumed
 
     def stop(self) -> None:
