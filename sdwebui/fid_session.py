@@ -22,10 +22,13 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..errors import UserError
 from ..nodes.paths import bank_file_name, stats_file_name
+
+if TYPE_CHECKING:
+    from ..evaluation.fid_result import FIDResult
 
 log = logging.getLogger("facediffuser")
 
@@ -161,7 +164,7 @@ class GenerationScore:
     banks_dir: Path | None = None
     _features: list = field(default_factory=list)
     _bank: Any = None
-    result: dict | None = None
+    result: "FIDResult | None" = None
     added: int = 0
     seen: int = 0
     note: str | None = None
@@ -178,7 +181,7 @@ class GenerationScore:
             if self.args.reset:
                 self._bank.reset()
 
-    def add(self, images: Any) -> dict | None:
+    def add(self, images: Any) -> "FIDResult | None":
         """Add a batch (uint8 NCHW, or float [0,1] CHW/NCHW as the web UI decodes them) and
         rescore. Returns the result, or None while fewer than 2 images are available."""
         from ..evaluation.images import to_uint8_nchw
@@ -192,7 +195,7 @@ class GenerationScore:
             self.added += int(x.shape[0])
         return self._score()
 
-    def _score(self) -> dict | None:
+    def _score(self) -> "FIDResult | None":
         from ..evaluation.stats import FeatureStats, compare
 
         if self._bank is not None:
@@ -213,19 +216,19 @@ class GenerationScore:
 
     @property
     def n_generated(self) -> int | None:
-        return None if self.result is None else self.result["a"]["n"]
+        return None if self.result is None else self.result.n_a
 
     @property
     def n_reference(self) -> int | None:
-        return None if self.result is None else self.result["b"]["n"]
+        return None if self.result is None else self.result.n_b
 
     def infotext(self) -> dict[str, str]:
         """The parameters written into each image's infotext (no commas: they would be quoted)."""
         if self.result is None:
             return {}
         out = {
-            "FaceDiffuser FID": f"{self.result['fid']:.4f}",
-            "FaceDiffuser KID": _kid_text(self.result.get("kid")),
+            "FaceDiffuser FID": f"{self.result.fid:.4f}",
+            "FaceDiffuser KID": _kid_text(self.result),
             "FaceDiffuser N": f"{self.n_generated} generated vs {self.n_reference} reference",
             "FaceDiffuser reference": self.reference_name,
         }
@@ -238,19 +241,16 @@ class GenerationScore:
         if self.result is None:
             return f"FaceDiffuser FID: {self.note or 'no images scored'}"
         where = f"bank {self.args.bank!r}, {self.added} new" if self._bank is not None else "this batch"
-        text = (f"FaceDiffuser FID ({where}) vs {self.reference_name}: FID {self.result['fid']:.4f}, "
-                f"KID {_kid_text(self.result.get('kid'))}, N = {self.n_generated} generated / {self.n_reference} reference. "
+        text = (f"FaceDiffuser FID ({where}) vs {self.reference_name}: FID {self.result.fid:.4f}, "
+                f"KID {_kid_text(self.result)}, N = {self.n_generated} generated / {self.n_reference} reference. "
                 "FID is biased at small N: compare only at equal N.")
-        for w in self.result.get("warnings") or []:
+        for w in self.result.warnings:
             text += f" Warning: {w}."
         return text
 
 
-def _kid_text(kid: dict | None) -> str:
-    if not kid:
-        return "n/a (the reference has no features)"
-    std = kid.get("std")
-    return f"{kid['mean']:.6f} ± {'n/a' if std is None else f'{std:.6f}'}"
+def _kid_text(result: "FIDResult") -> str:
+    return "n/a (the reference has no features)" if result.kid_mean is None else result.kid_text()
 
 
 # --- the Inception extractor, one at a time -----------------------------------------------------

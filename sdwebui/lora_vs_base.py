@@ -19,9 +19,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..evaluation.fid_result import FIDResult
 
 ROW_NAMES = ("Real vs Base", "Real vs LoRA", "Base vs LoRA")
 _LORA_NAME = re.compile(r"^[^<>:]+$")
@@ -65,14 +68,9 @@ def plan(prompt_lines: str, ui_prompt: str, n: int, seed: int, batch_size: int, 
                 lora_prompts=tuple(f"{p} {tag}" for p in prompts), batch_size=bs, n_iter=n // bs)
 
 
-def _row(name: str, res: dict) -> dict:
-    kid = res.get("kid") or {}
-    return {"label": name, "fid": float(res["fid"]), "kid": kid.get("mean"), "kid_std": kid.get("std"),
-            "n": res["a"]["n"], "n_ref": res["b"]["n"], "warnings": list(res.get("warnings") or [])}
-
-
-def compare_sets(real: Any, base_features: Any, lora_features: Any, protocol: dict | None) -> list[dict]:
-    """The three rows; ``real`` is the reference FeatureStats, the others (N, 2048) features."""
+def compare_sets(real: Any, base_features: Any, lora_features: Any, protocol: dict | None) -> "list[FIDResult]":
+    """The three rows, labelled (:data:`ROW_NAMES`); ``real`` is the reference FeatureStats, the
+    others (N, 2048) features."""
     from ..evaluation.stats import FeatureStats, compare
 
     n = int(base_features.shape[0])
@@ -80,36 +78,29 @@ def compare_sets(real: Any, base_features: Any, lora_features: Any, protocol: di
     lora = FeatureStats.from_features(lora_features, protocol=protocol, source="LoRA")
     if lora.n != n:
         raise UserError(f"LoRA vs base: {n} base images but {lora.n} LoRA images")
-    return [_row(ROW_NAMES[0], compare(base, real)), _row(ROW_NAMES[1], compare(lora, real)), _row(ROW_NAMES[2], compare(lora, base))]
+    pairs = ((base, real), (lora, real), (lora, base))
+    return [compare(a, b).labelled(name) for name, (a, b) in zip(ROW_NAMES, pairs)]
 
 
-def _kid_cell(r: dict) -> str:
-    if r["kid"] is None:
-        return "n/a"
-    std = "n/a" if r.get("kid_std") is None else f"{r['kid_std']:.5f}"
-    return f"{r['kid']:.5f} ± {std}"
-
-
-def markdown_table(rows: Sequence[dict], *, lora: str, weight: float, reference: str) -> str:
+def markdown_table(rows: "Sequence[FIDResult]", *, lora: str, weight: float, reference: str) -> str:
     lines = [f"| Comparison | N (A / B) | FID ↓ | KID (mean ± std) ↓ |", "|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['label']} | {r['n']} / {r['n_ref']} | {r['fid']:.4f} | {_kid_cell(r)} |")
+        lines.append(f"| {r.label} | {r.n_a} / {r.n_b} | {r.fid:.4f} | {r.kid_text(digits=5)} |")
     lines.append("")
     lines.append(f"LoRA `{lora}` at weight {weight:g}; reference `{reference}`. Same prompts, seeds, sampler, steps, CFG "
                  "and size for both. FID is biased at small N: compare rows only at equal N.")
-    warnings = sorted({w for r in rows for w in r.get("warnings", [])})
+    warnings = sorted({w for r in rows for w in r.warnings})
     lines += [f"Warning: {w}" for w in warnings]
     return "\n".join(lines)
 
 
-def bar_chart(rows: Sequence[dict], *, title: str) -> "Any":
-    """The bar chart as a PIL image -- one call into evaluation's chart, so a change of the
-    project's chart function is a one-line change here."""
+def bar_chart(rows: "Sequence[FIDResult]", *, title: str) -> "Any":
+    """The project's one FID/KID bar chart (:func:`.evaluation.report.fid_bar_chart`) as a PIL image."""
     from PIL import Image
 
-    from ..evaluation.comparison_chart import comparison_chart
+    from ..evaluation.report import fid_bar_chart
 
-    return Image.fromarray(comparison_chart(rows, title=title, width=900, height=420))
+    return Image.fromarray(fid_bar_chart(list(rows), title=title, width=900, height=420))
 
 
 def side_by_side(base: Sequence[Any], lora: Sequence[Any], *, rows: int = 8, cell: int = 192, lora_name: str = "LoRA") -> "Any":
@@ -127,7 +118,7 @@ def side_by_side(base: Sequence[Any], lora: Sequence[Any], *, rows: int = 8, cel
     return image_grid(images, labels, cols=2)
 
 
-def write_outputs(out_dir: str | os.PathLike, *, rows: Sequence[dict], table: str, chart: Any, grid: Any,
+def write_outputs(out_dir: str | os.PathLike, *, rows: "Sequence[FIDResult]", table: str, chart: Any, grid: Any,
                   settings: dict) -> dict[str, Path]:
     """``results.json`` (rows + settings), ``table.md``, ``fid_bar_chart.png``, ``side_by_side.png``."""
     from ..fileio import atomic_path, atomic_write_text
@@ -140,5 +131,5 @@ def write_outputs(out_dir: str | os.PathLike, *, rows: Sequence[dict], table: st
             image.save(tmp, format="PNG")
         paths[key] = out / name
     paths["table"] = atomic_write_text(out / "table.md", table + "\n")
-    paths["results"] = atomic_write_text(out / "results.json", json.dumps({"rows": list(rows), "settings": settings}, indent=2, default=str) + "\n")
+    paths["results"] = atomic_write_text(out / "results.json", json.dumps({"rows": [r.to_dict() for r in rows], "settings": settings}, indent=2, default=str) + "\n")
     return paths

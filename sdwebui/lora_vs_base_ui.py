@@ -141,7 +141,7 @@ def run(p: Any, lora: str, weight: float, n: Any, prompts: str, reference: str, 
     processed = Processed(p, [chart, grid], seed, info, all_prompts=[plan.prompts[0]] * 2, all_seeds=[seed] * 2,
                           infotexts=[info, info])
     processed.comments = info
-    processed.extra_generation_params = {RESULT_KEY: rows, "FaceDiffuser output folder": str(out)}
+    processed.extra_generation_params = {RESULT_KEY: [r.to_dict() for r in rows], "FaceDiffuser output folder": str(out)}
     return processed
 
 

@@ -4,8 +4,9 @@ Every training setting comes from ``trainer.config.setting_specs()`` (the agreed
 flag, kind, default, optional, bounds, choices, tooltip, group, ...), so a setting added to
 ``TrainConfig`` appears in the tab with its help text and no change here. :func:`form_fields`
 says which widget each setting gets; :func:`values_to_args` turns the widgets' values into the
-``facediffuser train`` flags, after :class:`TrainConfig` itself has validated them (one-line
-errors, before any child is started). Pure Python: the gradio code is in ``train_tab``.
+``facediffuser train`` flags, after :class:`TrainConfig` itself has validated them (its own
+type and range checks, the CLI's one-line errors, before any child is started). Pure Python: the
+gradio code is in ``train_tab``.
 
 A few settings are not form fields because the tab owns them: ``model`` (the web UI's checkpoint
 list), ``data`` (the dataset box), ``output`` (the name, written into the web UI's Lora folder),
@@ -18,48 +19,9 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..errors import UserError
+from ..trainer.config import GROUPS, SettingSpec, TrainConfig, setting_specs
 
 TAB_OWNED = frozenset({"model", "data", "output", "state_dir", "cache_dir", "resume"})
-GROUPS = ("basic", "advanced", "paths")
-
-
-def setting_specs() -> list[Any]:
-    """``trainer.config.setting_specs()``; until the settings branch provides it, the same list
-    derived from the dataclass fields (TEMPORARY SHIM -- delete this fallback at merge)."""
-    from ..trainer import config
-
-    if hasattr(config, "setting_specs"):
-        return list(config.setting_specs())
-    import dataclasses
-    from types import SimpleNamespace
-    from typing import get_args, get_type_hints
-
-    hints = get_type_hints(config.TrainConfig)
-    path_like = {"CKPT", "DIR", "FILE"}
-    basic = {"steps", "rank", "alpha", "lr", "batch_size", "resolution", "train_text_encoder", "seed", "trigger",
-             "caption_template", "save_every", "flip"}
-    paths = {"model", "data", "output", "cache_dir", "state_dir", "init_lora", "sample_prompts", "logging_dir"}
-    minimum = {"steps": 1, "rank": 1, "batch_size": 1, "grad_accum": 1, "resolution": 64, "epochs": 1, "conv_rank": 0,
-               "lr_warmup_steps": 0, "save_every": 0, "sample_every": 0, "sample_steps": 1, "keep_tokens": 0,
-               "dataloader_workers": 0, "lora_dropout": 0.0, "caption_dropout": 0.0}
-    maximum = {"lora_dropout": 0.999, "caption_dropout": 0.999, "ema": 0.99999}
-    resumable = {"steps", "epochs", "resume", "save_every", "sample_prompts", "sample_every", "sample_steps", "logging_dir",
-                 "output", "state_dir", "cache_dir", "dataloader_workers", "save_precision", "no_cache"}
-    specs = []
-    for f in dataclasses.fields(config.TrainConfig):
-        tp = hints[f.name]
-        args = [a for a in get_args(tp) if a is not type(None)]
-        base = args[0] if args else tp
-        md = f.metadata
-        kind = ("choice" if md.get("choices") else "bool" if base is bool else "int" if base is int else
-                "float" if base is float else "path" if md.get("metavar") in path_like else "str")
-        specs.append(SimpleNamespace(
-            name=f.name, flag=md.get("flag") or "--" + f.name.replace("_", "-"), kind=kind, default=f.default,
-            optional=type(None) in get_args(tp), minimum=minimum.get(f.name), maximum=maximum.get(f.name),
-            step=8 if f.name == "resolution" else None, choices=md.get("choices"), tooltip=md.get("help", ""),
-            group="paths" if f.name in paths else "basic" if f.name in basic else "advanced",
-            affects_weights=f.name not in resumable | {"logging_dir"}, resumable=f.name in resumable, ss_key=None))
-    return specs
 
 
 @dataclass(frozen=True)
@@ -83,20 +45,20 @@ class FormField:
 _WORDS = {"lr": "LR", "ema": "EMA", "lora": "LoRA", "snr": "SNR"}
 
 
-def _label(spec: Any) -> str:
+def _label(spec: SettingSpec) -> str:
     """``min_snr_gamma`` -> ``Min SNR gamma``; optional settings say so (empty = off/default)."""
     words = [_WORDS.get(w, w) for w in spec.name.split("_")]
     words[0] = words[0][:1].upper() + words[0][1:]
     return " ".join(words) + (" (optional)" if spec.optional else "")
 
 
-def form_fields(specs: Sequence[Any] | None = None) -> list[FormField]:
+def form_fields(specs: Sequence[SettingSpec] | None = None) -> list[FormField]:
     """The widgets for every setting the tab does not own, in field order."""
     out = []
     for s in setting_specs() if specs is None else specs:
         if s.name in TAB_OWNED:
             continue
-        common = dict(name=s.name, label=_label(s), tooltip=s.tooltip, group=s.group if s.group in GROUPS else "advanced",
+        common = dict(name=s.name, label=_label(s), tooltip=s.tooltip, group=s.group,
                       optional=bool(s.optional))
         if s.kind == "bool":
             out.append(FormField(widget="checkbox", value=bool(s.default), **common))
@@ -110,7 +72,7 @@ def form_fields(specs: Sequence[Any] | None = None) -> list[FormField]:
     return out
 
 
-def _coerce(spec: Any, value: Any) -> Any:
+def _coerce(spec: SettingSpec, value: Any) -> Any:
     """A widget's value as the setting's type; empty optional values are None."""
     if spec.kind == "bool":
         return bool(value)
@@ -134,43 +96,34 @@ def _coerce(spec: Any, value: Any) -> Any:
 
 
 def build_config(values: dict[str, Any], *, model: str, data: str, output: str, state_dir: str, cache_dir: str,
-                 specs: Sequence[Any] | None = None) -> Any:
-    """A validated TrainConfig from the form's values plus the tab-owned ones."""
-    from ..trainer.config import TrainConfig
-
+                 specs: Sequence[SettingSpec] | None = None) -> TrainConfig:
+    """A validated TrainConfig from the form's values plus the tab-owned ones: the widgets' values
+    are turned into the settings' types here; types, choices and bounds are checked by
+    :class:`TrainConfig` (the same checks and messages as the CLI's)."""
     specs = setting_specs() if specs is None else specs
     by_name = {s.name: s for s in specs}
     unknown = sorted(set(values) - set(by_name))
     if unknown:
         raise UserError(f"unknown training setting(s): {', '.join(unknown)}")
     kw = {name: _coerce(by_name[name], v) for name, v in values.items() if name not in TAB_OWNED}
-    for s in specs:  # bounds the form widgets also show
-        v = kw.get(s.name)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            if s.minimum is not None and v < s.minimum:
-                raise UserError(f"{_label(s)} must be at least {s.minimum} (got {v})")
-            if s.maximum is not None and v > s.maximum:
-                raise UserError(f"{_label(s)} must be at most {s.maximum} (got {v})")
-    cfg = TrainConfig(**kw, model=model, data=data, output=output, state_dir=state_dir, cache_dir=cache_dir)
-    return cfg.validate()
+    kw.update(model=model, data=data, output=output, state_dir=state_dir, cache_dir=cache_dir)
+    return TrainConfig.from_dict(kw, source="FaceDiffuser tab").validate()
 
 
-def config_to_args(config: Any, *, specs: Sequence[Any] | None = None) -> list[str]:
-    """The ``facediffuser train`` flags that rebuild ``config`` (every setting that is not None or
-    a False flag; ``resume`` is the runner's)."""
+def config_to_args(config: TrainConfig, *, specs: Sequence[SettingSpec] | None = None) -> list[str]:
+    """The ``facediffuser train`` flags that rebuild ``config``: every setting that differs from
+    its default (a boolean as ``--x``/``--no-x``; an unset optional with a default as ``""``, the
+    one spelling of unset); ``resume`` is the runner's."""
     specs = setting_specs() if specs is None else specs
     args: list[str] = []
     for s in specs:
-        if s.name == "resume":
-            continue
         v = getattr(config, s.name)
+        if s.name == "resume" or v == s.default:
+            continue
         if s.kind == "bool":
-            if v:
-                args.append(s.flag)
-            elif s.default:
-                raise UserError(f"{_label(s)} defaults to on and the CLI has no flag to turn it off")
-            continue
-        if v is None:
-            continue
-        args += [s.flag, repr(v) if isinstance(v, float) else str(v)]
+            args.append(s.flag if v else s.negative_flag)
+        elif v is None:
+            args += [s.flag, ""]
+        else:
+            args += [s.flag, repr(v) if isinstance(v, float) else str(v)]
     return args

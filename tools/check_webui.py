@@ -411,9 +411,9 @@ def check_lora_vs_base(ui: WebUI, rep: Report, lora: Path, stats_name: str) -> N
     images, info = ui.txt2img(seed=51, script_name="FaceDiffuser: LoRA vs base",
                               script_args=[lora.stem, 1.0, 2, PROMPT, stats_name, ""])
     rows = info["extra_generation_params"].get("FaceDiffuser LoRA vs base") or []
-    table = " | ".join(f"{r['label']}: FID {r['fid']:.2f} N {r['n']}/{r['n_ref']}" for r in rows)
+    table = " | ".join(f"{r['label']}: FID {r['fid']:.2f} N {r['n_a']}/{r['n_b']}" for r in rows)
     ok = [r["label"] for r in rows] == ["Real vs Base", "Real vs LoRA", "Base vs LoRA"] and \
-        [(r["n"], r["n_ref"]) for r in rows] == [(2, 16), (2, 16), (2, 2)] and len(images) == 2
+        [(r["n_a"], r["n_b"]) for r in rows] == [(2, 16), (2, 16), (2, 2)] and len(images) == 2
     rep.line(ok, "lora vs base", f"{table}; {len(images)} images (chart, grid); folder "
              f"{info['extra_generation_params'].get('FaceDiffuser output folder')}")
 

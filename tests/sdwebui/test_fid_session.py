@@ -85,9 +85,9 @@ def test_this_batch_over_two_batches_equals_eval_fid_of_the_saved_images(tmp_pat
     assert score.add(torch.stack(_as_webui_batch(gen[:3]))) is not None  # 3 images: already scored
     res = score.add(torch.stack(_as_webui_batch(gen[3:])))
     theirs = _eval_fid(capsys, _save(tmp_path / "gen", gen), reference, next(inception_dir.iterdir()))
-    assert res["fid"] == pytest.approx(theirs["fid"], rel=1e-6)
-    assert res["kid"]["mean"] == pytest.approx(theirs["kid"]["mean"], rel=1e-6, abs=1e-9)
-    assert res["kid"]["std"] == pytest.approx(theirs["kid"]["std"], rel=1e-6, abs=1e-9)
+    assert res.fid == pytest.approx(theirs["fid"], rel=1e-6)
+    assert res.kid_mean == pytest.approx(theirs["kid_mean"], rel=1e-6, abs=1e-9)
+    assert res.kid_std == pytest.approx(theirs["kid_std"], rel=1e-6, abs=1e-9)
     assert (score.n_generated, score.n_reference) == (6, 12)
     info = score.infotext()
     assert set(info) == set(INFOTEXT_KEYS) - {"FaceDiffuser bank"}
@@ -116,7 +116,7 @@ def test_accumulate_adds_generations_counts_each_image_once_and_resets(tmp_path,
     res = second.add(torch.stack(_as_webui_batch(gen[3:])))
     assert (second.n_generated, second.added, bank_size(banks, "faces")) == (6, 3, 6)
     theirs = _eval_fid(capsys, _save(tmp_path / "all", gen), reference, next(inception_dir.iterdir()))
-    assert res["fid"] == pytest.approx(theirs["fid"], rel=1e-6)
+    assert res.fid == pytest.approx(theirs["fid"], rel=1e-6)
     assert second.infotext()["FaceDiffuser bank"] == "faces"
 
     again = GenerationScore(args, ref, name, ext, banks_dir=banks)

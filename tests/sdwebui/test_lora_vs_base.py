@@ -42,15 +42,15 @@ def test_rows_are_the_evaluations_own_comparisons():
     real = FeatureStats.from_features(_feats(0, 40), source="real")
     base, lora = _feats(1, 10, 2.0), _feats(2, 10, 0.0)
     rows = lvb.compare_sets(real, base, lora, None)
-    assert [r["label"] for r in rows] == list(lvb.ROW_NAMES)
+    assert [r.label for r in rows] == list(lvb.ROW_NAMES)
     expected = [compare(FeatureStats.from_features(base), real), compare(FeatureStats.from_features(lora), real),
                 compare(FeatureStats.from_features(lora), FeatureStats.from_features(base))]
     for row, exp in zip(rows, expected):
-        assert row["fid"] == exp["fid"] and row["kid"] == exp["kid"]["mean"] and row["kid_std"] == exp["kid"]["std"]
-    assert [(r["n"], r["n_ref"]) for r in rows] == [(10, 40), (10, 40), (10, 10)]
-    assert rows[1]["fid"] < rows[0]["fid"]  # the LoRA set was drawn closer to the real one
+        assert (row.fid, row.kid_mean, row.kid_std) == (exp.fid, exp.kid_mean, exp.kid_std)
+    assert [(r.n_a, r.n_b) for r in rows] == [(10, 40), (10, 40), (10, 10)]
+    assert rows[1].fid < rows[0].fid  # the LoRA set was drawn closer to the real one
     same = lvb.compare_sets(real, base, base, None)
-    assert same[2]["fid"] == pytest.approx(0.0, abs=1e-6)
+    assert same[2].fid == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(UserError, match="10 base images but 9 LoRA"):
         lvb.compare_sets(real, base, lora[:9], None)
 
@@ -68,5 +68,5 @@ def test_table_chart_grid_and_files(tmp_path):
     assert grid.size[0] == 64 and grid.size[1] == 3 * (32 + 14)
     assert np.asarray(grid)[14 + 16, 48, 1] == 0 and np.asarray(grid)[2 * 46 + 14 + 16, 48, 1] == 20  # row 2, LoRA column
     paths = lvb.write_outputs(tmp_path / "out", rows=rows, table=table, chart=chart, grid=grid, settings={"n": 10})
-    assert json.loads(paths["results"].read_text())["rows"][0]["n"] == 10
+    assert json.loads(paths["results"].read_text())["rows"][0]["n_a"] == 10
     assert Image.open(paths["chart"]).size == (900, 420) and paths["table"].read_text().startswith("| Comparison")
