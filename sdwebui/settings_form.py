@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..errors import UserError
-from ..trainer.config import GROUPS, SettingSpec, TrainConfig, setting_specs
+from ..trainer.config import SettingSpec, TrainConfig, setting_specs
 
 TAB_OWNED = frozenset({"model", "data", "output", "state_dir", "cache_dir", "resume"})
 

@@ -10,7 +10,8 @@ from typing import Any
 
 from ..errors import UserError
 from . import host
-from .settings_form import GROUPS, form_fields
+from ..trainer.config import GROUPS
+from .settings_form import form_fields
 from .training_service import Jobs
 
 TAB_TITLE = "FaceDiffuser"
