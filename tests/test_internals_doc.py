@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "internals.md"
-PACKAGES = ("sd", "trainer", "faces", "evaluation", "demo", "nodes")
+PACKAGES = ("sd", "trainer", "faces", "evaluation", "demo", "nodes", "sdwebui", "scripts")
 
 
 def _tracked() -> list[str]:

@@ -9,7 +9,11 @@ machine without CUDA — accelerate's own ``--cpu`` flag starts one process unle
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
+from pathlib import Path
 
 from .config import add_arguments, config_from_args
 
@@ -33,6 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
+    front = parser.add_argument_group("for front ends that run training as a subprocess (not training settings)")
+    front.add_argument("--progress-file", metavar="FILE",
+                       help="Append one JSON line per optimizer step (step, total, loss, time) and one when the run ends.")
+    front.add_argument("--stop-file", metavar="FILE",
+                       help="Stop cleanly at the next step boundary once FILE exists: the training state is saved "
+                            "(continue with --resume) and no LoRA is written.")
     parser.set_defaults(func=run)
     return parser
 
@@ -40,9 +50,40 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Build the config (TOML, then flags), train, and report; exit 1 when cancelled."""
     config = config_from_args(args)
-    from .training_loop import train
+    from .training_loop import TrainCallbacks, train
 
-    result = train(config)
+    progress = _ProgressFile(getattr(args, "progress_file", None))
+    stop_file = Path(args.stop_file) if getattr(args, "stop_file", None) else None
+    callbacks = TrainCallbacks(on_step=progress.step, should_stop=stop_file.exists if stop_file else None)
+    try:
+        result = train(config, callbacks=callbacks)
+    except Exception as exc:
+        progress.end({"status": "failed", "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__})
+        raise
     if result.is_main_process:
+        progress.end({"status": result.status, "output": str(result.output) if result.output else None,
+                      "steps": result.steps, "total": result.total_steps,
+                      "checkpoint": str(result.checkpoint) if result.checkpoint else None})
         print(result.summary(), file=sys.stderr if result.status != "finished" else sys.stdout)
     return 0 if result.status == "finished" else 1
+
+
+class _ProgressFile:
+    """JSON lines a front end can follow (``trainer.subprocess_runner`` reads them): one per step,
+    one ``end`` line. Each line is written whole and flushed, so a reader sees complete lines."""
+
+    def __init__(self, path: str | None) -> None:
+        main = os.environ.get("RANK", "0") == "0"  # under accelerate launch only the main process writes
+        self.path = Path(path) if path and main else None
+
+    def _write(self, record: dict) -> None:
+        if self.path is None:
+            return
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def step(self, step: int, total: int, loss: float) -> None:
+        self._write({"event": "step", "step": step, "total": total, "loss": loss, "time": time.time()})
+
+    def end(self, record: dict) -> None:
+        self._write({"event": "end", "time": time.time(), **record})
