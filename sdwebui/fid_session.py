@@ -260,7 +260,8 @@ _EXTRACTOR: dict[tuple, Any] = {}
 
 def get_extractor(inception_dir: str | os.PathLike, *, device: Any = None, resize: str = "tf1") -> Any:
     """The FID Inception from ``inception_dir`` (then $FACEDIFFUSER_INCEPTION, $TORCH_HOME), loaded
-    once and kept until another file/device is asked for or :func:`release_extractor`."""
+    once and kept while scoring is on (one at a time); a generation with the accordion off, the
+    script's unload or :func:`release_extractor` lets it go."""
     from ..evaluation.inception import InceptionFeatures, find_inception_weights
 
     weights = find_inception_weights(None, models_dir=inception_dir)

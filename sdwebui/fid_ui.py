@@ -76,7 +76,13 @@ def _report_error(p: Any, text: str) -> None:
 def on_process(p: Any, values: tuple) -> None:
     """Before generation: set up the score (reference, extractor, bank) when enabled."""
     setattr(p, _ATTR, None)
-    if not values or not values[0] or getattr(p, SKIP_ATTR, False):
+    if getattr(p, SKIP_ATTR, False):
+        return
+    if not values or not values[0]:
+        # Scoring is off: the Inception held for it goes, so the web UI gets its memory back.
+        from .fid_session import release_extractor
+
+        release_extractor()
         return
     try:
         args = FIDArgs.from_values(values)

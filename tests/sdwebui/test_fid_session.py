@@ -183,3 +183,20 @@ def test_api_args_may_be_short_and_are_checked():
     assert FIDArgs.from_values([False, None, None]) == FIDArgs()
     with pytest.raises(UserError, match="mode must be one of"):
         FIDArgs.from_values([True, "ref.npz", "", "b", "sometimes"])
+
+
+def test_a_generation_with_scoring_off_lets_the_inception_go(inception_dir):
+    import types
+    import weakref
+
+    from facediffuser.sdwebui import fid_ui
+
+    first = get_extractor(inception_dir)
+    assert get_extractor(inception_dir) is first  # kept between generations while scoring is on
+    gone = weakref.ref(first)
+    del first
+    fid_ui.on_process(types.SimpleNamespace(extra_generation_params={}), (False,))
+    import gc
+
+    gc.collect()
+    assert gone() is None  # the web UI's process holds no Inception once the accordion is off
