@@ -310,9 +310,8 @@ def _make_accelerator(config: TrainConfig) -> "Accelerator":
     import torch
     from accelerate import Accelerator
 
-    if config.mixed_precision != "no" and not torch.cuda.is_available() and not _cpu_has_bf16(config):
-        raise UserError(f"--mixed-precision {config.mixed_precision} needs a GPU (or bf16 on a CPU with AVX-512 BF16); "
-                        f"use --mixed-precision no on CPU")
+    if config.mixed_precision != "no" and not torch.cuda.is_available():
+        _check_cpu_mixed_precision(config.mixed_precision)
     log_with = None
     if config.logging_dir:
         try:
@@ -368,6 +367,21 @@ def _accelerate_state_for_this_run() -> Iterator[None]:
                 continue  # the group the run formed, and the state that describes it, stay
             d.clear()
             d.update(s)
+def _check_cpu_mixed_precision(mode: str) -> None:
+    """bf16 on a CPU only where it has bf16 arithmetic (AVX-512 BF16 or AMX): elsewhere oneDNN
+    emulates it and it is slower than fp32. fp16 on a CPU: no."""
+    import torch
+
+    if mode == "fp16":
+        raise UserError("--mixed-precision fp16 needs a GPU; on a CPU use --mixed-precision bf16 (with AVX-512 BF16 or AMX) or no")
+    caps: dict = {}
+    try:
+        caps = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):
+        pass
+    if not (caps.get("avx512_bf16") or caps.get("amx_bf16")):
+        raise UserError("--mixed-precision bf16 on this CPU: it has no bf16 arithmetic (AVX-512 BF16 or AMX), so bf16 would be "
+                        "emulated and slower than fp32; use --mixed-precision no (or a GPU)")
 
 
 def _weight_dtype(config: TrainConfig) -> "torch.dtype":
