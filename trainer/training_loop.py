@@ -142,6 +142,7 @@ def _train(config: TrainConfig, *, callbacks: TrainCallbacks | None = None) -> T
     torch_rng = RNGStream(_mix(config.seed, 2), devices=[accelerator.device])
     with torch_rng:
         named = _add_lora_adapters(config, models)  # {"unet.<path>.lora_A.default.weight": param, ...}
+    _lean_lora_forward(config, models)
     params = list(named.values())
     data = _build_training_data(config, scan, models, accelerator)
     validation = _build_validation(config, held_out, models, accelerator)
@@ -507,6 +508,15 @@ def _add_lora_adapters(config: TrainConfig, models: Any) -> dict[str, "torch.nn.
     if not named:
         raise UserError("no trainable LoRA parameters: the adapter targets no module of this model")
     return named
+
+
+def _lean_lora_forward(config: TrainConfig, models: Any) -> None:
+    """The trained models' LoRA layers compute ``base + scale * B(A x)`` as one fused GEMM
+    (:mod:`.lora_forward`): the same function, fewer passes over the activations."""
+    from .lora_forward import enable_lean_forward
+
+    for model in _trained(models, config):
+        enable_lean_forward(model)
 
 
 def _inject(model: "torch.nn.Module", lora_config: Any) -> None:
