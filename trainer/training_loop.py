@@ -156,6 +156,7 @@ def _train(config: TrainConfig, *, callbacks: TrainCallbacks | None = None) -> T
     else:
         models.unet, optimizer = accelerator.prepare(models.unet, optimizer)
 
+    step_unet = _compiled_unet(config, models.unet)
     noise_gen = torch.Generator().manual_seed(_mix(config.seed, 1, rank))
     run = _RunState(started_at=_now(), world=world)
     if resume_from is not None:
@@ -184,7 +185,7 @@ def _train(config: TrainConfig, *, callbacks: TrainCallbacks | None = None) -> T
             batch = next(batches)
             with accelerator.accumulate(*_trained(models, config)):
                 with torch_rng:  # dropout (the backward of a checkpointed block replays its state itself)
-                    loss = _diffusion_loss(config, models, batch, noise_gen, prediction_type, accelerator.device)
+                    loss = _diffusion_loss(config, models, batch, noise_gen, prediction_type, accelerator.device, unet=step_unet)
                 mean_loss = float(accelerator.gather(loss.detach().reshape(1)).mean())
                 if not math.isfinite(mean_loss):
                     _stop_non_finite(config, accelerator, run, mean_loss, progress)
@@ -517,6 +518,16 @@ def _lean_lora_forward(config: TrainConfig, models: Any) -> None:
 
     for model in _trained(models, config):
         enable_lean_forward(model)
+
+
+def _compiled_unet(config: TrainConfig, unet: Any) -> Any:
+    """The UNet the step calls: ``torch.compile`` of it with ``--compile`` (sharing its
+    parameters, so saving, sampling and the export keep using the plain module), else itself."""
+    if not config.compile:
+        return unet
+    import torch
+
+    return torch.compile(unet)
 
 
 def _inject(model: "torch.nn.Module", lora_config: Any) -> None:
@@ -852,7 +863,7 @@ def _make_ema(config: TrainConfig, params: list["torch.nn.Parameter"]) -> Any:
 # --- stage: one step -----------------------------------------------------------------------------
 
 def _diffusion_loss(config: TrainConfig, models: Any, batch: dict[str, Any], gen: "torch.Generator",
-                    prediction_type: str, device: "torch.device") -> "torch.Tensor":
+                    prediction_type: str, device: "torch.device", *, unet: Any = None) -> "torch.Tensor":
     """Noise the latents at timesteps drawn uniformly over the full schedule, predict, and take the
     MSE against epsilon or v — face-weighted when masks are present and the weight is not 1,
     min-SNR-weighted when asked. Noise and timesteps come from ``gen`` (a CPU generator: the same
@@ -869,7 +880,7 @@ def _diffusion_loss(config: TrainConfig, models: Any, batch: dict[str, Any], gen
     noise, timesteps = noise.to(device), timesteps.to(device)
     cond = _conditioning(config, models, batch, device)
     mask = batch.get("face_mask")
-    return loss_from_noise(config, models.unet, scheduler, latents=latents, noise=noise, timesteps=timesteps, cond=cond,
+    return loss_from_noise(config, models.unet if unet is None else unet, scheduler, latents=latents, noise=noise, timesteps=timesteps, cond=cond,
                            face_mask=None if mask is None else mask.to(device, non_blocking=True),
                            prediction_type=prediction_type).mean()
 
