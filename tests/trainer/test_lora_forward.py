@@ -140,3 +140,34 @@ def test_cases_without_a_fast_path_run_peft(monkeypatch):
     with lean_lora_forward(bf), torch.no_grad():
         bf(x.to(torch.bfloat16))
     assert calls["n"] == 5  # fp32 adapter on a bf16 base outside autocast: peft's numerics
+
+
+def test_train_with_the_fused_forward_writes_peft_s_file(sd15_tiny_checkpoint, tmp_path, monkeypatch):
+    """The real trainer with the fused forward (the default) and with it switched off (peft's own
+    forward): the same losses and the same LoRA file (keys, shapes, dtypes, metadata keys, values
+    within float32 rounding order), and the fused forward really ran on the UNet's layers."""
+    from facediffuser.trainer import lora_forward
+    from facediffuser.trainer import training_loop as tl
+    from facediffuser.trainer.kohya_format import load_kohya_lora
+
+    from test_training_loop import make_shapes, tiny_config
+
+    data = make_shapes(tmp_path / "data")
+    switched = []
+    real_enable, real_lean = lora_forward.enable_lean_forward, tl._lean_lora_forward
+    monkeypatch.setattr(lora_forward, "enable_lean_forward", lambda m: switched.append(real_enable(m)) or switched[-1])
+    runs = {}
+    for mode in ("peft", "fused"):
+        monkeypatch.setattr(tl, "_lean_lora_forward", (lambda config, models: None) if mode == "peft" else real_lean)
+        cfg = tiny_config(sd15_tiny_checkpoint, data, tmp_path / f"{mode}.safetensors", steps=6, save_precision="fp32")
+        result = tl.train(cfg)
+        runs[mode] = (result.losses, *load_kohya_lora(cfg.output_path))
+    assert len(switched) == 1 and switched[0] > 0  # only the fused run switched the UNet's LoRA layers
+    (lp, tp, mp), (lf, tf, mf) = runs["peft"], runs["fused"]
+    assert len(lp) == len(lf) == 6
+    assert max(abs(a - b) / abs(a) for a, b in zip(lp, lf)) < 1e-4
+    assert set(tp) == set(tf) and len(tp) > 0
+    assert set(mp) == set(mf)
+    for k in tp:
+        assert tf[k].shape == tp[k].shape and tf[k].dtype == tp[k].dtype == torch.float32, k
+        assert _rel(tf[k], tp[k]) < 1e-3, k
