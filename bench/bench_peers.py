@@ -36,8 +36,8 @@ Peers come from local checkouts (never part of this project):
   --diffusers-overlay DIR   extra packages only that process needs (``datasets``)
 
   python bench/bench_peers.py --trainers ours --steps 3 --size tiny --resolution 64          # smoke
-  python bench/bench_peers.py --sd-scripts /work/tmp/bench/peers/sd-scripts --sd-overlay /work/tmp/bench/sd-overlay \\
-      --diffusers /work/tmp/bench/peers/diffusers --diffusers-overlay /work/tmp/bench/diffusers-overlay \\
+  python bench/bench_peers.py --sd-scripts $BENCH_TMP/peers/sd-scripts --sd-overlay $BENCH_TMP/sd-overlay \\
+      --diffusers $BENCH_TMP/peers/diffusers --diffusers-overlay $BENCH_TMP/diffusers-overlay \\
       --rounds 2 --json bench/results/peers-256.json
   python bench/bench_peers.py --trainers ours,sd-scripts --ours fp32= --ours "bf16=--mixed-precision bf16" ...
 

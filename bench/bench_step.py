@@ -24,7 +24,7 @@ and input, in a subprocess under sd-scripts' pinned packages, alternating with o
 
   python bench/bench_step.py --ab --rounds 3 --json bench/results/step-ab-256.json
   python bench/bench_step.py --profile lean --resolution 256
-  python bench/bench_step.py --unet-peer /work/tmp/bench/peers/sd-scripts --sd-overlay /work/tmp/bench/sd-overlay --rounds 2
+  python bench/bench_step.py --unet-peer $BENCH_TMP/peers/sd-scripts --sd-overlay $BENCH_TMP/sd-overlay --rounds 2
 """
 
 from __future__ import annotations
