@@ -16,6 +16,7 @@ alpha, kohya's 192 modules, fp32 unless asked:
 ``--overhead``  the per-step work outside the UNet, each part timed over many repetitions:
           noise + timesteps + ``add_noise``, ``clip_grad_norm_`` over the LoRA tensors, the fused
           AdamW step, ``zero_grad``, the loss read-back, tqdm's ``set_postfix``;
+``--layers``    one LoRA Linear and one LoRA 1x1 conv per UNet level, peft vs the fused forward;
 ``--profile``   ``torch.profiler`` of one step of one variant: the top ops by self CPU time.
 
 ``--unet-peer DIR --sd-overlay DIR`` times sd-scripts' own UNet (``library/original_unet.py`` with
@@ -191,6 +192,47 @@ def _compile_ab(args: argparse.Namespace) -> dict:
             "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
 
 
+def _layers(args: argparse.Namespace) -> dict:
+    """One peft LoRA Linear and one LoRA 1x1 conv of SD1.5's shapes at each UNet level (channels x
+    tokens at ``--resolution``), forward + backward, peft vs the fused forward, interleaved: where
+    the fused path gains and where it does not (the base layer's own cost is inside both)."""
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from facediffuser.trainer.lora_forward import lean_lora_forward
+
+    class Pair(torch.nn.Module):
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.lin, self.conv = torch.nn.Linear(c, c), torch.nn.Conv2d(c, c, 1)
+
+        def forward(self, x, y, kind):
+            return self.lin(x).square().mean() if kind == "linear" else self.conv(y).square().mean()
+
+    lat = args.resolution // 8
+    out = {}
+    for c, side in ((320, lat), (640, lat // 2), (1280, lat // 4)):
+        torch.manual_seed(0)
+        m = Pair(c).requires_grad_(False)
+        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["lin", "conv"]), m)
+        x, y = torch.randn(args.batch, side * side, c), torch.randn(args.batch, c, side, side)
+        for kind in ("linear", "conv1x1"):
+            t: dict[str, list[float]] = {"peft": [], "lean": []}
+            for r in range(args.reps):
+                for v in (("peft", "lean") if r % 2 == 0 else ("lean", "peft")):
+                    with (lean_lora_forward(m) if v == "lean" else nullcontext()):
+                        t0 = time.perf_counter()
+                        m(x, y, kind).backward()
+                        t[v].append(time.perf_counter() - t0)
+                    for p_ in m.parameters():
+                        p_.grad = None
+            mp, ml = statistics.median(t["peft"][2:]), statistics.median(t["lean"][2:])
+            key = f"{kind} c={c} tokens={side * side}"
+            out[key] = {"peft_s": mp, "lean_s": ml, "peft_over_lean": mp / ml, "loadavg": os.getloadavg()[0]}
+            print(f"  {key:<28} peft {mp * 1e3:7.2f} ms  lean {ml * 1e3:7.2f} ms  {mp / ml:.3f}x  (load {os.getloadavg()[0]:.1f})")
+    return out
+
+
 def _overhead(args: argparse.Namespace) -> dict:
     """The per-step work besides the UNet, each timed alone (median of ``reps``)."""
     import torch
@@ -362,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="peft,lean,base,sdpa-math,bf16")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--overhead", action="store_true")
+    p.add_argument("--layers", action="store_true", help="peft vs the fused forward per layer shape (see _layers); uses --reps.")
     p.add_argument("--compile", action="store_true", help="torch.compile of the UNet vs eager (see _compile_ab).")
     p.add_argument("--compile-mode", default="default")
     p.add_argument("--reps", type=int, default=50)
@@ -393,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         report["compile"] = _compile_ab(args)
     if args.overhead:
         report["overhead_s"] = _overhead(args)
+    if args.layers:
+        report["layers"] = _layers(args)
     if args.profile:
         report["profile"] = _profile(args)
     if args.unet_peer:

@@ -14,6 +14,7 @@ runs; the exit code is 1 when any failed):
    useful FLOPs per second / ``--peak-tflops`` (989 = H100/H200 SXM dense bf16), where useful =
    the counted step without checkpointing (with checkpointing the count includes the recomputed
    forward; it is printed beside);
+2b. **lora forward ab**: the UNet step with peft's LoRA layers vs the fused forward, interleaved;
 3. **generation**: the eval table's sampler path (``evaluation.generation``: one pipeline, fp16,
    DDIM, CFG 7.5, batched) at 512 px: base, then the LoRA from step 2 merged into the weights,
    then the same LoRA as peft runtime adapters; images/s each;
@@ -157,6 +158,59 @@ def train_run(args: argparse.Namespace, model: str, data: Path, work: Path, batc
     return out
 
 
+# --- 2b. the fused LoRA forward vs peft's, on this device ----------------------------------------
+
+def lora_forward_ab(args: argparse.Namespace, model: str, batch: int) -> dict:
+    """UNet forward + backward of the trainer's loss with peft's LoRA layers vs the fused forward
+    (``trainer/lora_forward.py``, on in ``train()``), interleaved, bf16 autocast as in training:
+    whether the fused path pays on this device (on the CPU it was within noise)."""
+    import statistics
+
+    import torch
+
+    from facediffuser.trainer import training_loop as tl
+    from facediffuser.trainer.config import TrainConfig
+    from facediffuser.trainer.lora_forward import lean_lora_forward
+
+    dev = torch.device(args.device)
+    bf16 = args.mixed_precision == "bf16"
+    cfg = TrainConfig(model=model, data="-", output="-.safetensors", resolution=args.resolution, batch_size=batch, seed=0,
+                      mixed_precision=args.mixed_precision)
+    models = tl._load_models(cfg, dev, torch.bfloat16 if bf16 else torch.float32)
+    named = tl._add_lora_adapters(cfg, models)
+    models.unet.to(dev).train()
+    lat = args.resolution // 8
+    g = torch.Generator().manual_seed(0)
+    b = {"latents": torch.randn(batch, 4, lat, lat, generator=g).to(dev),
+         "encoder_hidden_states": torch.randn(batch, 77, models.unet.config.cross_attention_dim, generator=g).to(dev)}
+
+    def step(lean: bool) -> float:
+        from contextlib import nullcontext
+
+        with (lean_lora_forward(models.unet) if lean else nullcontext()), \
+                torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            _sync(args.device)
+            t = time.perf_counter()
+            loss = tl._diffusion_loss(cfg, models, b, torch.Generator().manual_seed(1), "epsilon", dev)
+            loss.backward()
+            _sync(args.device)
+            dt = time.perf_counter() - t
+        for p in named.values():
+            p.grad = None
+        return dt
+
+    step(False), step(True)  # warm-up both
+    times: dict[str, list[float]] = {"peft": [], "lean": []}
+    for r in range(args.ab_rounds):
+        for v in (("peft", "lean") if r % 2 == 0 else ("lean", "peft")):
+            times[v].append(step(v == "lean"))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"  UNet fwd+bwd batch {batch}: peft {med['peft']:.4f} s, fused {med['lean']:.4f} s, "
+          f"peft/fused {med['peft'] / med['lean']:.3f}x", file=sys.stderr, flush=True)
+    del models
+    return {"batch": batch, "times": times, "median": med, "peft_over_lean": med["peft"] / med["lean"]}
+
+
 # --- 3. generation ---------------------------------------------------------------------------------
 
 def generation(args: argparse.Namespace, model: str, lora: str | None) -> dict:
@@ -248,6 +302,13 @@ def _table(report: dict, args: argparse.Namespace) -> None:
               f"{(u or float('nan')) / 1e9:.1f} | {pct:.1f} | {mem:.2f} |")
         r["useful_flops_per_sample"] = u
         r["pct_of_peak"] = pct
+    ab = sec.get("lora forward ab", {})
+    if ab.get("status") == "ok":
+        r = ab["result"]
+        print(f"fused LoRA forward, UNet fwd+bwd batch {r['batch']}: peft {r['median']['peft']:.4f} s, fused {r['median']['lean']:.4f} s "
+              f"({r['peft_over_lean']:.3f}x)")
+    else:
+        print(f"fused LoRA forward: {ab.get('status', 'not run').upper()}")
     g = sec.get("generation", {})
     if g.get("status") == "ok":
         r = g["result"]
@@ -283,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     args.size = "tiny" if smoke else "full"
     args.batches = [int(b) for b in (args.batches or ("1,2" if smoke else "1,8,16")).split(",")]
     args.warmup, args.steps = (1, 2) if smoke else (3, 10)
+    args.ab_rounds = 2 if smoke else 6
     args.gen_n, args.gen_steps, args.gen_batch = (2, 2, 2) if smoke else (16, 20, 8)
     args.inception_n, args.inception_batch = (4, 2) if smoke else (512, 64)
     if smoke:
@@ -325,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                              train_run, args, model, data, work, b, ckpt)
                 if r and r.get("lora") and lora is None:
                     lora = r["lora"]
+        _section(report, "lora forward ab", budget, 40 if not smoke else 5, lora_forward_ab, args, model, args.batches[-1])
         _section(report, "generation", budget, 90 if not smoke else 5, generation, args, model, lora)
     _section(report, "inception", budget, 30 if not smoke else 5, inception, args, work)
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
