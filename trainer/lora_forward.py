@@ -4,8 +4,10 @@ peft's ``lora.Linear`` / ``lora.Conv2d`` compute ``result = result + lora_B(lora
 scaling``: after the base layer, a rank-r GEMM, a second GEMM that writes a full-size tensor, a
 full-size multiply by ``scaling`` (even when it is 1) and a full-size add — and, with a bfloat16
 base and float32 adapter, a full-size up-cast copy of ``x`` that autocast then casts straight back.
-On a CPU the three full-size element-wise passes cost about as much as the two small GEMMs, for
-each of the 192 modules, forward and backward (bench/RESULTS.md, "Profile of one step").
+Each of those is a pass over a full-size activation (and its backward), for each of the 192 modules.
+Measured on a 2-core CPU it cut the minor page faults of a step 4.4x but not its time (within
+noise; bench/RESULTS.md, issue 14, section 2); the GPU check measures it where kernel launches and
+memory passes cost more.
 
 Here the up-projection is ``torch.addmm(result, h, B^T, alpha=scaling)``: the GEMM adds into the
 base output and applies the scale in the same kernel, so the multiply, the add and their
