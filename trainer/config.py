@@ -146,6 +146,7 @@ class TrainConfig:
     mixed_precision: str = field(default="no", metadata=_opt("Mixed precision (fp16 needs a GPU; bf16 a GPU or a CPU with AVX-512 BF16).", weights=True, resume=False, ss="ss_mixed_precision", choices=("no", "fp16", "bf16")))
     gradient_checkpointing: bool = field(default=False, metadata=_opt("Trade compute for memory in the UNet (and text encoder); the same maths.", weights=False, resume=True, ss="ss_gradient_checkpointing"))
     no_cache: bool = field(default=False, metadata=_opt("Do not cache latents/text embeddings: encode every step (for benchmarks; the latent sample is then drawn each step, so the result differs).", weights=True, resume=False, ss="ss_cache_latents"))
+    compile: bool = field(default=False, metadata=_opt("Compile the UNet step with torch.compile (inductor): the first step then takes minutes (less once inductor's cache is warm), later steps may be faster; the same maths up to float rounding.", weights=False, resume=True))
 
     # --- outputs during training --------------------------------------------------------------
     save_every: int = field(default=0, metadata=_opt("Save a resumable checkpoint every N steps (0 = only at the end).", weights=False, resume=True, lo=0, hi=1_000_000, metavar="N"))

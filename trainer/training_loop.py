@@ -142,6 +142,7 @@ def _train(config: TrainConfig, *, callbacks: TrainCallbacks | None = None) -> T
     torch_rng = RNGStream(_mix(config.seed, 2), devices=[accelerator.device])
     with torch_rng:
         named = _add_lora_adapters(config, models)  # {"unet.<path>.lora_A.default.weight": param, ...}
+    _lean_lora_forward(config, models)
     params = list(named.values())
     data = _build_training_data(config, scan, models, accelerator)
     validation = _build_validation(config, held_out, models, accelerator)
@@ -155,6 +156,7 @@ def _train(config: TrainConfig, *, callbacks: TrainCallbacks | None = None) -> T
     else:
         models.unet, optimizer = accelerator.prepare(models.unet, optimizer)
 
+    step_unet = _compiled_unet(config, models.unet)
     noise_gen = torch.Generator().manual_seed(_mix(config.seed, 1, rank))
     run = _RunState(started_at=_now(), world=world)
     if resume_from is not None:
@@ -183,7 +185,7 @@ def _train(config: TrainConfig, *, callbacks: TrainCallbacks | None = None) -> T
             batch = next(batches)
             with accelerator.accumulate(*_trained(models, config)):
                 with torch_rng:  # dropout (the backward of a checkpointed block replays its state itself)
-                    loss = _diffusion_loss(config, models, batch, noise_gen, prediction_type, accelerator.device)
+                    loss = _diffusion_loss(config, models, batch, noise_gen, prediction_type, accelerator.device, unet=step_unet)
                 mean_loss = float(accelerator.gather(loss.detach().reshape(1)).mean())
                 if not math.isfinite(mean_loss):
                     _stop_non_finite(config, accelerator, run, mean_loss, progress)
@@ -310,9 +312,8 @@ def _make_accelerator(config: TrainConfig) -> "Accelerator":
     import torch
     from accelerate import Accelerator
 
-    if config.mixed_precision != "no" and not torch.cuda.is_available() and not _cpu_has_bf16(config):
-        raise UserError(f"--mixed-precision {config.mixed_precision} needs a GPU (or bf16 on a CPU with AVX-512 BF16); "
-                        f"use --mixed-precision no on CPU")
+    if config.mixed_precision != "no" and not torch.cuda.is_available():
+        _check_cpu_mixed_precision(config.mixed_precision)
     log_with = None
     if config.logging_dir:
         try:
@@ -368,6 +369,21 @@ def _accelerate_state_for_this_run() -> Iterator[None]:
                 continue  # the group the run formed, and the state that describes it, stay
             d.clear()
             d.update(s)
+def _check_cpu_mixed_precision(mode: str) -> None:
+    """bf16 on a CPU only where it has bf16 arithmetic (AVX-512 BF16 or AMX): elsewhere oneDNN
+    emulates it and it is slower than fp32. fp16 on a CPU: no."""
+    import torch
+
+    if mode == "fp16":
+        raise UserError("--mixed-precision fp16 needs a GPU; on a CPU use --mixed-precision bf16 (with AVX-512 BF16 or AMX) or no")
+    caps: dict = {}
+    try:
+        caps = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):
+        pass
+    if not (caps.get("avx512_bf16") or caps.get("amx_bf16")):
+        raise UserError("--mixed-precision bf16 on this CPU: it has no bf16 arithmetic (AVX-512 BF16 or AMX), so bf16 would be "
+                        "emulated and slower than fp32; use --mixed-precision no (or a GPU)")
 
 
 def _weight_dtype(config: TrainConfig) -> "torch.dtype":
@@ -493,6 +509,25 @@ def _add_lora_adapters(config: TrainConfig, models: Any) -> dict[str, "torch.nn.
     if not named:
         raise UserError("no trainable LoRA parameters: the adapter targets no module of this model")
     return named
+
+
+def _lean_lora_forward(config: TrainConfig, models: Any) -> None:
+    """The trained models' LoRA layers compute ``base + scale * B(A x)`` as one fused GEMM
+    (:mod:`.lora_forward`): the same function, fewer passes over the activations."""
+    from .lora_forward import enable_lean_forward
+
+    for model in _trained(models, config):
+        enable_lean_forward(model)
+
+
+def _compiled_unet(config: TrainConfig, unet: Any) -> Any:
+    """The UNet the step calls: ``torch.compile`` of it with ``--compile`` (sharing its
+    parameters, so saving, sampling and the export keep using the plain module), else itself."""
+    if not config.compile:
+        return unet
+    import torch
+
+    return torch.compile(unet)
 
 
 def _inject(model: "torch.nn.Module", lora_config: Any) -> None:
@@ -828,7 +863,7 @@ def _make_ema(config: TrainConfig, params: list["torch.nn.Parameter"]) -> Any:
 # --- stage: one step -----------------------------------------------------------------------------
 
 def _diffusion_loss(config: TrainConfig, models: Any, batch: dict[str, Any], gen: "torch.Generator",
-                    prediction_type: str, device: "torch.device") -> "torch.Tensor":
+                    prediction_type: str, device: "torch.device", *, unet: Any = None) -> "torch.Tensor":
     """Noise the latents at timesteps drawn uniformly over the full schedule, predict, and take the
     MSE against epsilon or v — face-weighted when masks are present and the weight is not 1,
     min-SNR-weighted when asked. Noise and timesteps come from ``gen`` (a CPU generator: the same
@@ -845,7 +880,7 @@ def _diffusion_loss(config: TrainConfig, models: Any, batch: dict[str, Any], gen
     noise, timesteps = noise.to(device), timesteps.to(device)
     cond = _conditioning(config, models, batch, device)
     mask = batch.get("face_mask")
-    return loss_from_noise(config, models.unet, scheduler, latents=latents, noise=noise, timesteps=timesteps, cond=cond,
+    return loss_from_noise(config, models.unet if unet is None else unet, scheduler, latents=latents, noise=noise, timesteps=timesteps, cond=cond,
                            face_mask=None if mask is None else mask.to(device, non_blocking=True),
                            prediction_type=prediction_type).mean()
 

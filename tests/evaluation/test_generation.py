@@ -75,3 +75,33 @@ def test_generate_cli_registered():
 
     args = build_parser().parse_args(["generate", "--model", "m.safetensors", "--prompt", "x", "--out", "o", "--n", "2"])
     assert args.command == "generate" and args.n == 2 and args.sampler == "ddim"
+
+
+def test_merged_lora_matches_runtime_adapters_and_restores_weights_bit_for_bit(sd15_tiny_checkpoint, tiny_lora):
+    """Generation merges the LoRA into the weights (faster); that must draw what peft's runtime
+    adapters draw, and leave the very same weight tensors behind."""
+    import torch
+
+    from facediffuser.evaluation.generation import SamplerSettings, generate, load_generation_pipeline, lora_loaded
+
+    pipe = load_generation_pipeline(sd15_tiny_checkpoint, device="cpu")
+    before = {f"{c}.{n}": (p.data_ptr(), p.detach().clone())
+              for c in ("unet", "text_encoder") for n, p in getattr(pipe, c).named_parameters()}
+    s = SamplerSettings(steps=2, cfg=2.0, size=64, seed=3)
+    with lora_loaded(pipe, tiny_lora, 0.8, merge=False):
+        runtime = _arrays(generate(pipe, ["a photo of a face"], s, 2))
+    with lora_loaded(pipe, tiny_lora, 0.8, merge=True):
+        merged_layers = [m for m in pipe.unet.modules() if getattr(m, "merged", False)]
+        merged = _arrays(generate(pipe, ["a photo of a face"], s, 2))
+    base = _arrays(generate(pipe, ["a photo of a face"], s, 2))
+    assert len(merged_layers) > 0
+    assert not any(getattr(m, "merged", False) for m in pipe.unet.modules())
+    # peft leaves its (now empty) wrappers behind: ``to_q.base_layer.weight`` is the old ``to_q.weight``
+    after = {f"{c}.{n}".replace(".base_layer", ""): p for c in ("unet", "text_encoder") for n, p in getattr(pipe, c).named_parameters()}
+    assert set(after) == set(before)
+    for name, (ptr, value) in before.items():
+        assert after[name].data_ptr() == ptr and torch.equal(after[name].detach(), value), name
+    diff = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(runtime, merged))
+    moved = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(runtime, base))
+    print(f"merged vs runtime adapters: max pixel difference {diff}; LoRA vs base: {moved}")
+    assert moved > 8 and diff <= 2

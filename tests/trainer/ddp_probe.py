@@ -46,10 +46,10 @@ register_optimizer_step_post_hook(_post)
 _loss = tl._diffusion_loss
 
 
-def _observed_loss(config, models, batch, *rest):
+def _observed_loss(config, models, batch, *rest, **kw):
     if recording:
         record["latents"].append(batch["latents"].detach().clone())
-    return _loss(config, models, batch, *rest)
+    return _loss(config, models, batch, *rest, **kw)
 
 
 tl._diffusion_loss = _observed_loss
