@@ -328,18 +328,6 @@ def _make_accelerator(config: TrainConfig) -> "Accelerator":
                        log_with=log_with, project_dir=config.logging_dir if log_with else None, cpu=cpu_ddp)
 
 
-def _cpu_has_bf16(config: TrainConfig) -> bool:
-    """bf16 autocast on a CPU with native bf16 (AVX-512 BF16 / AMX): accelerate runs it as CPU autocast."""
-    import torch
-
-    if config.mixed_precision != "bf16":
-        return False
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 @contextmanager
 def _accelerate_state_for_this_run() -> Iterator[None]:
     """accelerate keeps one process-wide ``AcceleratorState`` (a Borg: every instance shares one
@@ -369,19 +357,25 @@ def _accelerate_state_for_this_run() -> Iterator[None]:
                 continue  # the group the run formed, and the state that describes it, stay
             d.clear()
             d.update(s)
-def _check_cpu_mixed_precision(mode: str) -> None:
-    """bf16 on a CPU only where it has bf16 arithmetic (AVX-512 BF16 or AMX): elsewhere oneDNN
-    emulates it and it is slower than fp32. fp16 on a CPU: no."""
+
+
+def _cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX-512 BF16 or AMX); elsewhere oneDNN emulates bf16."""
     import torch
 
-    if mode == "fp16":
-        raise UserError("--mixed-precision fp16 needs a GPU; on a CPU use --mixed-precision bf16 (with AVX-512 BF16 or AMX) or no")
-    caps: dict = {}
     try:
         caps = torch.cpu.get_capabilities()
     except (AttributeError, RuntimeError):
-        pass
-    if not (caps.get("avx512_bf16") or caps.get("amx_bf16")):
+        return False
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+def _check_cpu_mixed_precision(mode: str) -> None:
+    """bf16 on a CPU only where it has bf16 arithmetic: elsewhere it is emulated and slower than
+    fp32. fp16 on a CPU: no."""
+    if mode == "fp16":
+        raise UserError("--mixed-precision fp16 needs a GPU; on a CPU use --mixed-precision bf16 (with AVX-512 BF16 or AMX) or no")
+    if not _cpu_has_bf16():
         raise UserError("--mixed-precision bf16 on this CPU: it has no bf16 arithmetic (AVX-512 BF16 or AMX), so bf16 would be "
                         "emulated and slower than fp32; use --mixed-precision no (or a GPU)")
 
