@@ -14,8 +14,8 @@ What it does, printing one ``PASS``/``FAIL`` line per point (exit 1 if any fails
 2. starts the web UI headless (``--nowebui --api --always-cpu``, loopback, ``HF_HUB_OFFLINE=1``)
    with an SD1.5-shaped checkpoint (``--checkpoint``, else ``facediffuser make-model --size full``
    cached under ``$FACEDIFFUSER_TEST_CACHE``);
-3. **train** -- a 2-step rank-16 UNet + text-encoder training through the tab's callable
-   (``POST /facediffuser/v1/train``), stopped after step 1 (state kept), started again (resumes),
+3. **train** -- a 6-step rank-16 UNet + text-encoder training through the tab's callable
+   (``POST /facediffuser/v1/train``), stopped after step 1 or a later one (state kept), resumed,
    finished: the LoRA lands in the web UI's Lora folder;
 4. **lora** -- ``<lora:NAME:1>`` changes the image, ``<lora:NAME:0>`` leaves it unchanged, and the
    web UI's log says every module was patched (Forge: ``[LORA] Loaded ... UNet with 192 keys ...
@@ -282,8 +282,11 @@ def lora_log_verdict(log: str, file_name: str) -> tuple[bool, str]:
     return not problems, "; ".join(parts + problems) or "no [LORA] lines"
 
 
+TRAIN_STEPS = 6
+
+
 def check_train(ui: WebUI, rep: Report, paths: dict, title: str) -> Path | None:
-    settings = {"steps": 2, "rank": 16, "alpha": 16, "train_text_encoder": True, "resolution": 64, "lr": 1e-2,
+    settings = {"steps": TRAIN_STEPS, "rank": 16, "alpha": 16, "train_text_encoder": True, "resolution": 64, "lr": 1e-2,
                 "text_encoder_lr": 1e-3, "seed": 0}
     body = {"checkpoint": title, "dataset": str(paths["train"]), "name": LORA_NAME, "settings": settings, "start_over": True}
     target = paths["lora_dir"] / f"{LORA_NAME}.safetensors"
@@ -294,7 +297,9 @@ def check_train(ui: WebUI, rep: Report, paths: dict, title: str) -> Path | None:
     if not rep.line(first.get("ok", False) and first["message"].startswith("started"), "train start", first["message"]):
         return None
     deadline = time.time() + 1200
-    while time.time() < deadline:  # stop once step 1 is done (step 2 takes seconds on a CPU)
+    # Stop once step 1 is done. The child may already be inside the next step (tens of seconds each on a
+    # busy CPU), so the run has steps to spare and the stop may land at any step before the last.
+    while time.time() < deadline:
         prog = ui.get("/facediffuser/v1/train")
         if prog.get("step", 0) >= 1 or prog["status"] not in ("loading", "training"):
             break
@@ -307,7 +312,7 @@ def check_train(ui: WebUI, rep: Report, paths: dict, title: str) -> Path | None:
         if prog["status"] not in ("loading", "training", "stopping"):
             break
         time.sleep(1)
-    stopped = prog["status"] == "stopped" and prog["step"] == 1 and not target.exists()
+    stopped = prog["status"] == "stopped" and 1 <= prog["step"] < TRAIN_STEPS and not target.exists()
     rep.line(stopped, "train stop", f"{prog['line']} (no LoRA written yet: {not target.exists()})")
     second = ui.post("/facediffuser/v1/train", body | {"start_over": False})
     rep.line(second["message"].startswith("resumed"), "train resume", second["message"])
@@ -316,7 +321,7 @@ def check_train(ui: WebUI, rep: Report, paths: dict, title: str) -> Path | None:
         if prog["status"] not in ("loading", "training", "stopping"):
             break
         time.sleep(1)
-    ok = prog["status"] == "finished" and prog["step"] == 2 and target.is_file()
+    ok = prog["status"] == "finished" and prog["step"] == TRAIN_STEPS and target.is_file()
     rep.line(ok, "train finish", f"{prog['line']}; {target} {'exists' if target.is_file() else 'MISSING'} "
              f"({time.time() - t0:.0f} s for both children, on CPU)")
     if not ok:
