@@ -118,7 +118,6 @@ def run_demo(out: Path, *, model: str | None = None, data: str | None = None, in
              seed: int = 0, progress: bool = True, sample_steps: int = DEMO_DEFAULTS["sample_steps"]) -> dict[str, Any]:
     """Run the loop into ``out``; returns paths, the results and what was a stand-in."""
     from ..errors import UserError
-    from .demo_model import BASE_NOTE, base_model_recipe, make_demo_checkpoint
     from ..evaluation.generation import SamplerSettings
     from ..evaluation.inception import InceptionFeatures, find_inception_weights
     from ..evaluation.table import FeatureCaveat, TableConfig, run_table
@@ -129,16 +128,14 @@ def run_demo(out: Path, *, model: str | None = None, data: str | None = None, in
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     provenance: dict[str, str] = {}
+    scene_model = False  # the shipped demo model that draws toy scenes
     timings: dict[str, float] = {}
 
     if model:
         model_path = Path(model)
         provenance["model"] = f"REAL: your checkpoint {model_path}"
     else:
-        model_path = make_demo_checkpoint(out / "demo-model.safetensors")
-        recipe = base_model_recipe()
-        provenance["model"] = (f"STAND-IN: {BASE_NOTE} (VAE reconstruction PSNR {recipe['vae_psnr_heldout_scenes_db']:.1f} dB "
-                               f"on held-out scenes, {recipe['vae_psnr_toy_faces_db']:.1f} dB on toy faces it never saw)")
+        model_path, provenance["model"], scene_model = _demo_base_model(out, seed)
     if data:
         train_dir, heldout_dir, how = _split_user_data(Path(data), out)
         provenance["data"] = f"REAL: your images, {how} ({train_dir} for training, {heldout_dir} held out)"
@@ -192,11 +189,29 @@ def run_demo(out: Path, *, model: str | None = None, data: str | None = None, in
         progress=progress, batch_size=8,
     ), make_extractor, caveat=caveat)
     timings["evaluate"] = time.perf_counter() - t
-    pixel = pixel_check(out, results, heldout_dir, scenes=not model, seed=seed)
+    pixel = pixel_check(out, results, heldout_dir, scenes=scene_model, seed=seed)
     timings["total"] = time.perf_counter() - t0
-    report = write_demo_report(out, results, provenance, result, timings, pixel)
+    report = write_demo_report(out, results, provenance, result, timings, pixel, scene_model=scene_model)
     return {"report": report, "results": results, "provenance": provenance, "lora": lora, "loss_plot": result.loss_plot,
             "seconds": timings["total"], "timings": timings, "pixel": pixel}
+
+
+def _demo_base_model(out: Path, seed: int) -> tuple[Path, str, bool]:
+    """The shipped scene model (:mod:`.demo_model`) as a checkpoint in ``out``, its provenance line
+    and True; where it is not installed, the random fallback (:mod:`.random_demo_model`), labelled so."""
+    from .demo_model import BASE_NOTE, DEMO_BASE_FILE, base_model_recipe, make_demo_checkpoint
+
+    if DEMO_BASE_FILE.is_file():
+        path = make_demo_checkpoint(out / "demo-model.safetensors")
+        recipe = base_model_recipe()
+        return path, (f"STAND-IN: {BASE_NOTE} (VAE reconstruction PSNR {recipe['vae_psnr_heldout_scenes_db']:.1f} dB on "
+                      f"held-out scenes, {recipe['vae_psnr_toy_faces_db']:.1f} dB on toy faces it never saw)"), True
+    from .random_demo_model import DEMO_VAE_NOTE, make_random_demo_checkpoint
+
+    path = make_random_demo_checkpoint(out / "demo-model.safetensors", seed=seed)
+    return path, ("STAND-IN: tiny SD1.5-shaped model with RANDOM UNet and text-encoder weights (make-model seed "
+                  f"{seed}) and a {DEMO_VAE_NOTE}; the trained demo base model ({DEMO_BASE_FILE.name}) is not installed: "
+                  "build it with tools/make_demo_base_model.py"), False
 
 
 #: seed of the toy scenes the pixel check compares with (not the base model's training scenes)
@@ -223,7 +238,7 @@ def pixel_check(out: Path, results: dict[str, Any], heldout_dir: Path, *, scenes
 
 
 def write_demo_report(out: Path, results: dict[str, Any], provenance: dict[str, str], train_result: Any,
-                      timings: dict[str, float], pixel: dict[str, Any] | None = None) -> Path:
+                      timings: dict[str, float], pixel: dict[str, Any] | None = None, *, scene_model: bool = False) -> Path:
     """``report.md``: what was real and what was a stand-in FIRST, then the table and the pictures."""
     from ..fileio import atomic_write_text
     from ..evaluation.report import markdown_table
@@ -240,7 +255,7 @@ def write_demo_report(out: Path, results: dict[str, Any], provenance: dict[str, 
               "", "![loss](" + (Path(train_result.loss_plot).name if train_result.loss_plot else "") + ")", ""]
     table = markdown_table(results).split("\n", 1)[1]  # our own heading instead of the table's
     lines += ["## Evaluation", table, "![FID bar chart](fid_bar_chart.png)", ""]
-    if provenance["model"].startswith("STAND-IN"):
+    if scene_model:
         lines += ["Samples: real | base | fine-tuned (same prompt and seed in a row). The demo base model was trained on "
                   "houses, trees, mountains, boats, flowers and shapes and never saw a face, so its column shows scenes; "
                   "the fine-tuned column shows what the LoRA learned from the toy faces.", ""]
