@@ -224,7 +224,8 @@ def pixel_check(out: Path, results: dict[str, Any], heldout_dir: Path, *, scenes
     held-out reals (and, with the demo base model, against ``SCENES_PER_REAL`` times as many toy
     scenes: scenes vary more than the faces, and with as few scenes as faces about one scene in six
     is nearer to some face than to any scene)."""
-    from ..evaluation.images import list_images, load_image
+    from ..evaluation.images import load_image
+    from ..image_files import list_images
     from .pixel_measures import pixel_summary
     from .toy_scenes import toy_scene_array
 

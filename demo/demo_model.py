@@ -22,9 +22,10 @@ trainer, the kohya LoRA code and the evaluation run on it unchanged):
   UNet learned to read its outputs). It is not shipped: :func:`make_demo_checkpoint` rebuilds it
   from its seed and checks it against the SHA-256 recorded at training time.
 
-The shipped file ``model_files/demo_base_model.safetensors`` holds the UNet and VAE in fp16 (a few
-MB); :func:`make_demo_checkpoint` adds the text encoder and writes an ordinary single-file
-checkpoint.
+The file ``model_files/demo_base_model.safetensors`` (written by the script; a few MB) holds the
+UNet and VAE in fp16; :func:`make_demo_checkpoint` adds the text encoder and writes an ordinary
+single-file checkpoint. Where the file is not installed the demo falls back to
+:mod:`.random_demo_model` and says so in its report.
 """
 
 from __future__ import annotations
