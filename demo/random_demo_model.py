@@ -48,8 +48,11 @@ def build_box_vae(config: dict[str, Any] | None = None) -> "torch.nn.Module":  #
     import torch
     from diffusers import AutoencoderKL
 
+    from ..rng import preserve_global_rng
+
     cfg = config or box_vae_config()
-    vae = AutoencoderKL.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    with preserve_global_rng():  # every weight is set below; the default init is not the caller's draw
+        vae = AutoencoderKL.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
     eps = float(vae.encoder.conv_norm_out.eps)
     gain = eps ** 0.5 / _DELTA  # undoes the GroupNorm's constant scale 1/sqrt(eps)
     with torch.no_grad():
@@ -113,6 +116,6 @@ def make_random_demo_checkpoint(out: str | os.PathLike, *, seed: int = 0) -> Pat
     meta = file_metadata("sd15", "tiny", seed, "fp32")
     meta["modelspec.title"] = f"FaceDiffuser DEMO model (random tiny UNet/CLIP seed {seed}, box VAE)"
     meta["facediffuser.demo_vae"] = json.dumps({"note": DEMO_VAE_NOTE, "downsample": 4})
-    with atomic_path(out) as tmp:
+    with atomic_path(out, fsync=True) as tmp:
         save_file(sd, str(tmp), metadata=meta)
     return out
