@@ -7,11 +7,16 @@ the sample grid, the loss curve and the LoRA.
 Whatever the user does not give is replaced by a clearly labelled stand-in, and ``report.md`` says
 at the top which parts were real and which were stand-ins:
 
-* model: :func:`.demo_model.make_demo_checkpoint` (tiny random UNet and text encoder,
-  hand-set box VAE);
+* model: :func:`.demo_model.make_demo_checkpoint` — a tiny SD1.5-shaped model trained once on
+  procedurally drawn non-face scenes (:mod:`.toy_scenes`), shipped with the package, so the base
+  column of the sample grid shows houses and trees and the fine-tuned column shows what the LoRA
+  learned;
 * data: :mod:`.toy_faces` (cartoon faces, train and held-out splits);
 * features: the FID Inception architecture with seeded random weights
   (:mod:`.standin_inception`) when no FID Inception weights are found.
+
+Beside the table it measures the samples in pixel space (:mod:`.pixel_measures`), which needs no
+feature extractor at all.
 Registration imports argparse only.
 """
 
@@ -32,10 +37,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "demo", help="Run the whole loop offline (data -> LoRA -> FID table) and write one report folder.",
         description="Trains a face LoRA and evaluates it against held-out images, writing report.md, results.json, "
                     "charts, samples, the loss curve and the LoRA into one folder. Anything not given is replaced by a "
-                    "labelled stand-in (tiny random model, toy faces, random-weight Inception), so it runs anywhere in minutes.",
+                    "labelled stand-in (a tiny shipped model trained on toy scenes, toy faces, random-weight Inception), so it runs "
+                    "anywhere in minutes.",
     )
     p.add_argument("--out", default="facediffuser-demo", metavar="DIR", help="Output folder (default: ./facediffuser-demo).")
-    p.add_argument("--model", metavar="CKPT", help="Your SD1.5 checkpoint (default: a tiny random demo model; a real one needs a GPU).")
+    p.add_argument("--model", metavar="CKPT", help="Your SD1.5 checkpoint (default: the tiny shipped demo model, which draws toy scenes; "
+                   "a real one needs a GPU).")
     p.add_argument("--data", metavar="DIR", help="Your face images: a folder with train/ and heldout/, or one folder to split "
                    "in half (default: generated toy faces).")
     p.add_argument("--inception", metavar="FILE", help="FID Inception weights (default: searched as in eval; else a labelled stand-in).")
@@ -111,7 +118,6 @@ def run_demo(out: Path, *, model: str | None = None, data: str | None = None, in
              seed: int = 0, progress: bool = True, sample_steps: int = DEMO_DEFAULTS["sample_steps"]) -> dict[str, Any]:
     """Run the loop into ``out``; returns paths, the results and what was a stand-in."""
     from ..errors import UserError
-    from .demo_model import DEMO_VAE_NOTE, make_demo_checkpoint
     from ..evaluation.generation import SamplerSettings
     from ..evaluation.inception import InceptionFeatures, find_inception_weights
     from ..evaluation.table import FeatureCaveat, TableConfig, run_table
@@ -122,15 +128,14 @@ def run_demo(out: Path, *, model: str | None = None, data: str | None = None, in
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     provenance: dict[str, str] = {}
+    scene_model = False  # the shipped demo model that draws toy scenes
     timings: dict[str, float] = {}
 
     if model:
         model_path = Path(model)
         provenance["model"] = f"REAL: your checkpoint {model_path}"
     else:
-        model_path = make_demo_checkpoint(out / "demo-model.safetensors", seed=seed)
-        provenance["model"] = ("STAND-IN: tiny SD1.5-shaped model with RANDOM UNet and text-encoder weights "
-                               f"(make-model seed {seed}) and a {DEMO_VAE_NOTE}")
+        model_path, provenance["model"], scene_model = _demo_base_model(out, seed)
     if data:
         train_dir, heldout_dir, how = _split_user_data(Path(data), out)
         provenance["data"] = f"REAL: your images, {how} ({train_dir} for training, {heldout_dir} held out)"
@@ -184,14 +189,57 @@ def run_demo(out: Path, *, model: str | None = None, data: str | None = None, in
         progress=progress, batch_size=8,
     ), make_extractor, caveat=caveat)
     timings["evaluate"] = time.perf_counter() - t
+    pixel = pixel_check(out, results, heldout_dir, scenes=scene_model, seed=seed)
     timings["total"] = time.perf_counter() - t0
-    report = write_demo_report(out, results, provenance, result, timings)
+    report = write_demo_report(out, results, provenance, result, timings, pixel, scene_model=scene_model)
     return {"report": report, "results": results, "provenance": provenance, "lora": lora, "loss_plot": result.loss_plot,
-            "seconds": timings["total"], "timings": timings}
+            "seconds": timings["total"], "timings": timings, "pixel": pixel}
+
+
+def _demo_base_model(out: Path, seed: int) -> tuple[Path, str, bool]:
+    """The shipped scene model (:mod:`.demo_model`) as a checkpoint in ``out``, its provenance line
+    and True; where it is not installed, the random fallback (:mod:`.random_demo_model`), labelled so."""
+    from .demo_model import BASE_NOTE, DEMO_BASE_FILE, base_model_recipe, make_demo_checkpoint
+
+    if DEMO_BASE_FILE.is_file():
+        path = make_demo_checkpoint(out / "demo-model.safetensors")
+        recipe = base_model_recipe()
+        return path, (f"STAND-IN: {BASE_NOTE} (VAE reconstruction PSNR {recipe['vae_psnr_heldout_scenes_db']:.1f} dB on "
+                      f"held-out scenes, {recipe['vae_psnr_toy_faces_db']:.1f} dB on toy faces it never saw)"), True
+    from .random_demo_model import DEMO_VAE_NOTE, make_random_demo_checkpoint
+
+    path = make_random_demo_checkpoint(out / "demo-model.safetensors", seed=seed)
+    return path, ("STAND-IN: tiny SD1.5-shaped model with RANDOM UNet and text-encoder weights (make-model seed "
+                  f"{seed}) and a {DEMO_VAE_NOTE}; the trained demo base model ({DEMO_BASE_FILE.name}) is not installed: "
+                  "build it with tools/make_demo_base_model.py"), False
+
+
+#: seed of the toy scenes the pixel check compares with (not the base model's training scenes)
+PIXEL_SCENE_SEED = 777
+SCENES_PER_REAL = 4
+
+
+def pixel_check(out: Path, results: dict[str, Any], heldout_dir: Path, *, scenes: bool, seed: int) -> dict[str, Any]:
+    """:func:`.pixel_measures.pixel_summary` of the base and fine-tuned samples against the
+    held-out reals (and, with the demo base model, against ``SCENES_PER_REAL`` times as many toy
+    scenes: scenes vary more than the faces, and with as few scenes as faces about one scene in six
+    is nearer to some face than to any scene)."""
+    from ..evaluation.images import load_image
+    from ..image_files import list_images
+    from .pixel_measures import pixel_summary
+    from .toy_scenes import toy_scene_array
+
+    reals = [load_image(p) for p in list_images(heldout_dir)]
+    scene_imgs = list(toy_scene_array(SCENES_PER_REAL * len(reals), seed=PIXEL_SCENE_SEED + seed)[0]) if scenes else None
+    summary: dict[str, Any] = {"thumbnail": 16, "n_real": len(reals), "n_scenes": len(scene_imgs) if scene_imgs else 0}
+    for name, folder in (("base", "base"), ("finetuned", "finetuned")):
+        files = [out / "generated" / folder / f for f in results["files"][name]]
+        summary[name] = pixel_summary([load_image(f) for f in files], reals, scene_imgs)
+    return summary
 
 
 def write_demo_report(out: Path, results: dict[str, Any], provenance: dict[str, str], train_result: Any,
-                      timings: dict[str, float]) -> Path:
+                      timings: dict[str, float], pixel: dict[str, Any] | None = None, *, scene_model: bool = False) -> Path:
     """``report.md``: what was real and what was a stand-in FIRST, then the table and the pictures."""
     from ..fileio import atomic_write_text
     from ..evaluation.report import markdown_table
@@ -207,11 +255,29 @@ def write_demo_report(out: Path, results: dict[str, Any], provenance: dict[str, 
               f"{train_result.final_loss:.4f}); loss curve: `{Path(train_result.loss_plot).name if train_result.loss_plot else 'n/a'}`",
               "", "![loss](" + (Path(train_result.loss_plot).name if train_result.loss_plot else "") + ")", ""]
     table = markdown_table(results).split("\n", 1)[1]  # our own heading instead of the table's
-    lines += ["## Evaluation", table, "![FID bar chart](fid_bar_chart.png)", "", "![samples: real | base | fine-tuned](samples_grid.png)", ""]
+    lines += ["## Evaluation", table, "![FID bar chart](fid_bar_chart.png)", ""]
+    if scene_model:
+        lines += ["Samples: real | base | fine-tuned (same prompt and seed in a row). The demo base model was trained on "
+                  "houses, trees, mountains, boats, flowers and shapes and never saw a face, so its column shows scenes; "
+                  "the fine-tuned column shows what the LoRA learned from the toy faces.", ""]
+    lines += ["![samples: real | base | fine-tuned](samples_grid.png)", ""]
+    if pixel:
+        lines += ["## Pixel check (no feature extractor)",
+                  f"Mean RMS distance (0–255) of each sample's {pixel['thumbnail']}×{pixel['thumbnail']} thumbnail to the "
+                  f"nearest of the {pixel['n_real']} held-out real images"
+                  + (f"; and the share of samples that are nearer to a held-out toy face than to any of {pixel['n_scenes']} "
+                     "toy scenes (a nearest-neighbour classifier in pixel space)" if pixel["n_scenes"] else "") + ".", "",
+                  "| Set | N | nearest-real RMS ↓ |" + (" nearer to a face ↑ |" if pixel["n_scenes"] else ""),
+                  "|---|---|---|" + ("---|" if pixel["n_scenes"] else "")]
+        for name, label in (("base", "base"), ("finetuned", "fine-tuned")):
+            row = pixel[name]
+            lines.append(f"| {label} | {row['n']} | {row['nearest_real_rms']:.1f} |"
+                         + (f" {row['nearer_face_share']:.0%} |" if "nearer_face_share" in row else ""))
+        lines.append("")
     lines += ["## Time", "- " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()), ""]
     results_path = out / "results.json"
     data = json.loads(results_path.read_text(encoding="utf-8"))
     data["demo"] = {"provenance": provenance, "timings_s": {k: round(v, 1) for k, v in timings.items()},
-                    "train_steps": train_result.steps, "final_loss": train_result.final_loss}
+                    "train_steps": train_result.steps, "final_loss": train_result.final_loss, "pixel": pixel}
     atomic_write_text(results_path, json.dumps(data, indent=2, default=str) + "\n")
     return atomic_write_text(out / "report.md", "\n".join(lines))

@@ -11,7 +11,12 @@ import json
 
 import pytest
 
+from facediffuser.demo.demo_model import DEMO_BASE_FILE
+
 MARGIN = 0.8
+PIXEL_MARGIN = 2.0  # RMS on the 0..255 scale
+BASE_FACE_SHARE_MAX = 0.5
+FT_FACE_SHARE_MIN = 0.5
 
 
 @pytest.mark.slow
@@ -40,6 +45,19 @@ def test_demo_runs_and_finetuned_beats_base(tmp_path, monkeypatch):
     rows = {row["label"]: row for row in r["rows"]}
     base, ft = rows["Real vs Base"]["fid"], rows["Real vs Fine-tuned"]["fid"]
     assert ft < MARGIN * base, (ft, base)
+    # the same in pixel space, with no feature extractor: fine-tuned samples are nearer to the held-out
+    # toy faces, and the base model (trained on scenes only) draws scenes, the fine-tuned one faces
+    px = r["demo"]["pixel"]
+    print("demo figures:", json.dumps({"fd_base": base, "fd_finetuned": ft, "pixel": px, "face_metrics": r["face_metrics"],
+                                       "timings": r["demo"]["timings_s"]}))
+    assert px["n_real"] == 64 and px["base"]["n"] == px["finetuned"]["n"] == 16 and "## Pixel check" in report
+    assert px["finetuned"]["nearest_real_rms"] < px["base"]["nearest_real_rms"] - PIXEL_MARGIN, px
+    if DEMO_BASE_FILE.is_file():  # the scene model: its samples are scenes, the fine-tuned ones faces
+        assert px["n_scenes"] == 256 and "never saw a face" in report
+        assert px["base"]["nearer_face_share"] <= BASE_FACE_SHARE_MAX, px
+        assert px["finetuned"]["nearer_face_share"] >= FT_FACE_SHARE_MIN, px
+    else:  # the random fallback, labelled so
+        assert px["n_scenes"] == 0 and "is not installed: build it with tools/make_demo_base_model.py" in report
     # the stand-in's scale is normalised: distances read like FIDs, not tens of thousands
     assert all(0 < row["fid"] < 5000 for row in r["rows"]), [row["fid"] for row in r["rows"]]
     # N = 16 = KID subset size: every subset is the whole set, so the std is n/a, not "± 0.00"
