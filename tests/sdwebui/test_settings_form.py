@@ -26,10 +26,12 @@ def test_every_setting_is_a_form_field_or_owned_by_the_tab():
     assert TAB_OWNED <= set(names)
     by_name = {f.name: f for f in fields}
     help_texts = {f.name: f.metadata["help"] for f in dataclasses.fields(TrainConfig)}
+    choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(TrainConfig)}
     for f in fields:
         assert f.tooltip == help_texts[f.name]  # the CLI's help text, not a re-declared one
     assert by_name["train_text_encoder"].widget == "checkbox" and by_name["train_text_encoder"].value is False
-    assert by_name["optimizer"].widget == "dropdown" and by_name["optimizer"].choices == ("adamw", "adamw8bit")
+    assert by_name["optimizer"].widget == "dropdown" and by_name["optimizer"].choices == choices["optimizer"]
+    assert {"adamw", "adamw8bit", "prodigy"} <= set(by_name["optimizer"].choices)
     assert by_name["rank"].widget == "number" and by_name["rank"].precision == 0 and by_name["rank"].value == 16
     assert by_name["lr"].widget == "number" and by_name["lr"].precision is None
     assert by_name["trigger"].widget == "textbox" and by_name["trigger"].optional and by_name["trigger"].value == ""
