@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
+from ..fileio import fsync_dir
 
 if TYPE_CHECKING:
     import torch
@@ -152,7 +153,7 @@ def save_checkpoint(state_dir: str | Path, *, info: dict[str, Any], adapter: dic
             _torch_save(ema, tmp / "ema.pt")
         _torch_save({"ranks": rng}, tmp / "rng.pt")
         _fsync_write(tmp / "state.json", json.dumps({"format": FORMAT_VERSION, **info}, indent=1, sort_keys=True).encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         try:
             os.replace(tmp, final)
         except OSError:
@@ -162,7 +163,7 @@ def save_checkpoint(state_dir: str | Path, *, info: dict[str, Any], adapter: dic
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(state_dir)
+    fsync_dir(state_dir)
     for old in checkpoint_dirs(state_dir)[: -max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -196,19 +197,6 @@ def _writer_is_gone(tmp: Path) -> bool:
     except (PermissionError, OSError):
         return False  # alive (another user's), or we cannot tell: leave it
     return False
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --- reading --------------------------------------------------------------------------------------
