@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEMO_DEFAULTS = dict(n_train=48, n_heldout=64, size=64, n=16, train_steps=80, rank=16, conv_rank=0, lr=2e-3, batch=8,
+DEMO_DEFAULTS = dict(n_train=48, n_heldout=64, size=64, n=16, train_steps=80, rank=16, lr=2e-3, batch=8,
                      sample_steps=20, cfg=1.0, seed=0)
 
 
@@ -169,7 +169,7 @@ def run_demo(out: Path, *, model: str | None = None, data: str | None = None, in
     lora = out / "face_lora.safetensors"
     result = train(TrainConfig(
         model=str(model_path), data=str(train_dir), output=str(lora), cache_dir=str(out / ".cache"),
-        steps=train_steps, rank=DEMO_DEFAULTS["rank"], conv_rank=DEMO_DEFAULTS["conv_rank"], lr=DEMO_DEFAULTS["lr"], batch_size=DEMO_DEFAULTS["batch"],
+        steps=train_steps, rank=DEMO_DEFAULTS["rank"], lr=DEMO_DEFAULTS["lr"], batch_size=DEMO_DEFAULTS["batch"],
         resolution=size, seed=seed, caption_dropout=0.1, save_precision="fp32",
     ))
     timings["train"] = time.perf_counter() - t

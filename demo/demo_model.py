@@ -64,7 +64,7 @@ def demo_unet_config() -> dict[str, Any]:
 
     Why: SD1's 8 heads are 4 channels wide at this width, and 256-token attention was two thirds
     of a training step on a CPU; at 64 tokens a step costs 0.33 s instead of 0.82 s (batch 16, 2
-    cores), so the same hours train 2.5 times as many steps. The loader reads which blocks carry
+    cores), so the same hours train 2.4 times as many steps. The loader reads which blocks carry
     attention from the keys, so the file loads like any other."""
     from ..sd.make_model import model_configs
 
