@@ -211,5 +211,8 @@ def test_two_processes_give_the_same_validation_loss_and_train_in_buckets(tiny_c
     one = json.loads(kf.load_kohya_lora(single)[1][kf.META_VALIDATION_LOSS])
     two = json.loads(kf.load_kohya_lora(double)[1][kf.META_VALIDATION_LOSS])
     assert [s for s, _ in two] == [0, 1, 2]
-    assert two[0][1] == pytest.approx(one[0][1], rel=1e-9), (one, two)
+    # Float32 per-image losses: each rank runs 1 thread (the parent 2), so convolutions sum in another order
+    # (CI saw 2e-8 relative). A wrong share-out or reduce (a rank's half only, an image counted twice) moves
+    # the mean by the spread between images, orders of magnitude above 1e-6.
+    assert two[0][1] == pytest.approx(one[0][1], rel=1e-6), (one, two)
     assert double.with_name("face.best.safetensors").is_file()
