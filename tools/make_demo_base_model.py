@@ -38,9 +38,9 @@ import sys
 import time
 from pathlib import Path
 
-TIME_NOTE = ("measured 2026-12-02 on the shared 2-core box, 2 threads, nothing else running: drawing 6000 scenes 5 s; "
-             "VAE 1000 steps (batch 32 of 32 px crops) 451 s; UNet (attention at 8x8) 0.225 s/step at batch 16, so "
-             "4000 steps take about 15 min")
+TIME_NOTE = ("measured 2026-12-08 on the shared 2-core box, 2 threads, nothing else running (load 2.0): drawing 6000 "
+             "scenes 3 s; VAE 1000 steps (batch 32 of 32 px crops) 330 s; UNet (attention at 8x8) 5000 steps at batch 16 "
+             "992 s (0.20 s/step); 22 min in all")
 CHECK_SEED = 99  # scenes and faces the VAE is checked on (never trained on)
 CHECK_IMAGES = 64
 
@@ -67,16 +67,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the training (default: %(default)s)")
     p.add_argument("--scene-seed", type=int, default=1, help="seed of the training scenes (default: %(default)s)")
     p.add_argument("--images", type=int, default=6000, help="training scenes drawn (default: %(default)s)")
-    p.add_argument("--vae-steps", type=int, default=600)
+    p.add_argument("--vae-steps", type=int, default=1000)
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--vae-crop", type=int, default=32, help="random square crop the VAE trains on (default: %(default)s px)")
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--unet-images", type=int, default=1200, help="of the scenes, the first N the UNet trains on")
-    p.add_argument("--unet-steps", type=int, default=1200)
+    p.add_argument("--unet-steps", type=int, default=5000)
     p.add_argument("--unet-batch", type=int, default=16)
     p.add_argument("--unet-lr", type=float, default=2e-3)
     p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--snapshot-every", type=int, default=25,
+    p.add_argument("--snapshot-every", type=int, default=1000,
                    help="also write the file every N UNet steps, recorded as that many steps (the learning rate is "
                         "constant after warm-up, so a snapshot at step k equals a run with --unet-steps k)")
     p.add_argument("--vae", help="reuse this VAE (a .pt state dict saved by --save-vae) instead of training one")
