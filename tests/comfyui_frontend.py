@@ -29,7 +29,9 @@ CHROMIUM_ARGS = (
     "--disable-component-update",
     "--disable-sync",
 )
-VIEWPORT = {"width": 2400, "height": 1000}
+# 1400 px high: with frontend 1.27 the training-options node (50 widgets) is ~1500 px tall, and below a
+# canvas scale of 0.6 the frontend stops drawing widget text (the screenshots must stay readable).
+VIEWPORT = {"width": 2400, "height": 1400}
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 
 # A test extension registered in the page: records the node types loadGraphData found missing
