@@ -271,6 +271,12 @@ class ComfyServer:
         """The folder main.py runs from: old ComfyUI (no --base-directory) gets a private tree."""
         return self.comfy_dir if self._has_flag("--base-directory") else self.base_dir / "comfyui"
 
+    @property
+    def primary_models_dir(self) -> Path:
+        """Where ComfyUI's *first* model folders are (where nodes save, e.g. a trained LoRA): the base
+        directory's models/ where --base-directory exists, else the private tree's (linked to ours)."""
+        return self.models_dir if self._has_flag("--base-directory") else self.run_dir / "models"
+
     def _private_tree(self) -> None:
         """Old ComfyUI puts its *first* model folders (where nodes save, e.g. a trained LoRA) under
         the folder holding folder_paths.py. So this server runs from its own tree: top-level .py

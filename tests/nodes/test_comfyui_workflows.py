@@ -109,9 +109,9 @@ def _train_prompt(env: Env, **over) -> dict:
 
 def _lora_dirs(srv: ComfyServer) -> list[Path]:
     """ComfyUI's loras folders in its search order: the first (where Train Face LoRA writes) is the
-    models/loras of the tree the server runs from -- the harness gives each server its own, linked
-    to this server's models folder -- then the extra path to the same folder."""
-    return [srv.run_dir / "models" / "loras", srv.models_dir / "loras"]
+    server's primary models/loras -- the base directory's in today's ComfyUI, the private run tree's
+    (linked to this server's models folder) in old ones -- then the extra path to the same folder."""
+    return list(dict.fromkeys([srv.primary_models_dir / "loras", srv.models_dir / "loras"]))
 
 
 def _find_lora(srv: ComfyServer, name: str) -> Path | None:

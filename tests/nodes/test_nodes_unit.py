@@ -436,9 +436,15 @@ def test_is_changed_in_comfyui_folders(comfyui_dir, tmp_path, monkeypatch) -> No
     checkpoint changes it, nothing else does."""
     import importlib.util
 
+    # Today's folder_paths imports comfy.cli_args (the 2024 one imports nothing of ComfyUI's): the
+    # checkout goes on sys.path, and the comfy modules it pulls in are dropped again afterwards.
+    monkeypatch.syspath_prepend(str(comfyui_dir))
+    before = set(sys.modules)
     spec = importlib.util.spec_from_file_location("folder_paths", comfyui_dir / "folder_paths.py")
     fp = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fp)
+    for name in set(sys.modules) - before:  # set while absent, so teardown removes them
+        monkeypatch.setitem(sys.modules, name, sys.modules.pop(name))
     monkeypatch.setitem(sys.modules, "folder_paths", fp)
     for name in ("checkpoints", "loras"):
         (tmp_path / name).mkdir()
