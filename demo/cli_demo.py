@@ -28,12 +28,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-#: Tuned on the shipped scene model (2026-12-08, 2 cores): the LoRA must turn a model that draws scenes into
-#: one that draws faces, so it also adapts the ResNet convs (conv_rank; attention alone moved the samples
-#: little in 1000 steps). euler_a, not DDIM: with DDIM both models kept the layout that the seed's noise
-#: dictates (SD1.5's schedule leaves signal at t=999) and the fine-tuned column looked like the base one;
-#: ancestral noise lets the LoRA's layout through. N = 32: at N = 16 the Fréchet distances sat near the
-#: noise floor. Total about 2 min.
+#: Tuned on the shipped scene model (2026-12-08, 2 cores). With the old settings (attention-only LoRA, 80 steps,
+#: DDIM, CFG 1) the fine-tuned samples looked like the base ones; with DDIM even 1000 steps of LoRA + LoCon
+#: kept, per seed, the base model's layout (our reading: the layout comes from the seed's noise, which the
+#: SD1.5 schedule never fully removes in training). euler_a's fresh noise let the LoRA's faces through, and
+#: the LoCon adapters on the ResNet convs (conv_rank) carry most of the change. N = 32: at N = 16 the
+#: Fréchet distances sat near the noise floor. Total about 2 min.
 DEMO_DEFAULTS = dict(n_train=48, n_heldout=64, size=64, n=32, train_steps=300, rank=16, conv_rank=32, lr=3e-3, batch=16,
                      sample_steps=20, sampler="euler_a", cfg=2.5, seed=0)
 

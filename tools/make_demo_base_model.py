@@ -38,9 +38,9 @@ import sys
 import time
 from pathlib import Path
 
-TIME_NOTE = ("measured 2026-12-08 on the shared 2-core box, 2 threads, nothing else running (load 2.0): drawing 6000 "
-             "scenes 3 s; VAE 1000 steps (batch 32 of 32 px crops) 330 s; UNet (attention at 8x8) 5000 steps at batch 16 "
-             "992 s (0.20 s/step); 22 min in all")
+TIME_NOTE = ("measured 2026-12-08 on the shared 2-core box, 2 threads, load 2.0: drawing 6000 scenes 3 s; "
+             "VAE 1000 steps (batch 32 of 32 px crops) 330 s (a pip install ran beside its first 2 minutes); "
+             "UNet (attention at 8x8) 5000 steps at batch 16 992 s (0.20 s/step); 22 min in all")
 CHECK_SEED = 99  # scenes and faces the VAE is checked on (never trained on)
 CHECK_IMAGES = 64
 
