@@ -134,7 +134,7 @@ def _child(args: argparse.Namespace, argv: list[str]) -> int:
     if kind == "ours":
         from facediffuser.cli import main as cli_main
 
-        code = cli_main(argv)
+        code = cli_main(argv, own_process=True)  # what the facediffuser command's entry point does
     else:
         import runpy
 
@@ -383,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sd-scripts", metavar="DIR")
     p.add_argument("--sd-overlay", metavar="DIR")
     p.add_argument("--sd-scripts-args", default="", help="Extra flags for train_network.py.")
+    p.add_argument("--sd-scripts-variant", action="append", metavar="NAME=FLAGS",
+                   help="Another sd-scripts run per round, labelled sd-scripts-NAME, with extra flags / ENV:K=V tokens.")
     p.add_argument("--diffusers", metavar="DIR")
     p.add_argument("--diffusers-overlay", metavar="DIR")
     p.add_argument("--diffusers-modules", choices=("kohya", "script"), default="kohya")
@@ -415,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
             if not (args.sd_scripts and args.sd_overlay):
                 p.error("sd-scripts needs --sd-scripts DIR and --sd-overlay DIR")
             runs.append(("sd-scripts", t, shlex.split(args.sd_scripts_args)))
+            for spec in args.sd_scripts_variant or []:  # e.g. glibc malloc tunables: sd-scripts as a user could tune it
+                name, _, flags = spec.partition("=")
+                runs.append((f"sd-scripts-{name}", t, shlex.split(args.sd_scripts_args) + shlex.split(flags)))
         elif t == "diffusers":
             if not args.diffusers:
                 p.error("diffusers needs --diffusers DIR")

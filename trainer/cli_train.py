@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
 
     progress = _ProgressFile(getattr(args, "progress_file", None))
     stop_file = Path(args.stop_file) if getattr(args, "stop_file", None) else None
-    callbacks = TrainCallbacks(on_step=progress.step, should_stop=stop_file.exists if stop_file else None)
+    callbacks = TrainCallbacks(on_step=progress.step, should_stop=stop_file.exists if stop_file else None,
+                               on_phase=_own_allocator if getattr(args, "own_process", False) else None)
     try:
         result = train(config, callbacks=callbacks)
     except Exception as exc:
@@ -66,6 +67,19 @@ def run(args: argparse.Namespace) -> int:
                       "checkpoint": str(result.checkpoint) if result.checkpoint else None})
         print(result.summary(), file=sys.stderr if result.status != "finished" else sys.stdout)
     return 0 if result.status == "finished" else 1
+
+
+def _own_allocator(phase: str) -> None:
+    """The command's own process (not a host's), :mod:`..allocator`: from the end of loading on,
+    freed memory is kept for reuse (the load's temporaries have gone back by then; the cache build
+    and the steps reuse theirs); once the caches are built, what the cache build left free is handed
+    back, so the training phase's resident size is the steps' own."""
+    from ..allocator import keep_freed_memory, release_free_memory
+
+    if phase == "models loaded":
+        keep_freed_memory()
+    elif phase == "caches built":
+        release_free_memory()
 
 
 class _ProgressFile:

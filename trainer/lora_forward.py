@@ -5,9 +5,11 @@ scaling``: after the base layer, a rank-r GEMM, a second GEMM that writes a full
 full-size multiply by ``scaling`` (even when it is 1) and a full-size add — and, with a bfloat16
 base and float32 adapter, a full-size up-cast copy of ``x`` that autocast then casts straight back.
 Each of those is a pass over a full-size activation (and its backward), for each of the 192 modules.
-Measured on a 2-core CPU it cut the minor page faults of a step 4.4x but not its time (within
-noise; bench/RESULTS.md, issue 14, section 2); the GPU check measures it where kernel launches and
-memory passes cost more.
+Measured on an idle 2-core CPU (bench/RESULTS.md, issue 14, 2026-12-08): the full SD1.5 step
+1.045x and 1.037x faster at 256 px (system and kept-memory allocator) and 1.023x at 512 px, each
+over 3 interleaved rounds; it halves the adapters' cost over the frozen UNet (peft - base 0.257 s,
+lean - base 0.115 s at 256 px). The GPU check measures it where kernel launches and memory passes
+cost more.
 
 Here the up-projection is ``torch.addmm(result, h, B^T, alpha=scaling)``: the GEMM adds into the
 base output and applies the scale in the same kernel, so the multiply, the add and their
