@@ -13,14 +13,14 @@ The cost: memory freed during a run is not handed back to the system before the 
 so the resident size stays at its peak (which a training run reaches anyway).
 
 Only for our own processes (the command run as a program, :func:`..cli.entry`):
-``facediffuser train`` calls :func:`keep_freed_memory` once the models are loaded (the load's
-large temporaries have gone back to the system by then; switched on at process start, the
-training phase's resident size measured 0.7 GiB higher: 6.37 vs 5.65 GiB), and
-:func:`release_free_memory` once the latent cache is built (what the cache build left free goes
-back, so the training phase's resident size is the steps' own: 5.69-5.70 GiB measured, against
-5.66-6.62 GiB without it). ``generate``, ``eval`` and ``demo`` call it at their start (CPU
-generation 1.11x faster, the same peak RSS). Library code that runs inside a host (a ComfyUI
-server or a web UI owns its allocator) never calls either.
+``facediffuser train`` calls :func:`keep_freed_memory` once the models are loaded and the latent
+cache is built, just before the first step. Measured (bench/RESULTS.md, 12-08 §1a):
+- at process start, the load's 2 GB temporaries stayed resident: training-phase RSS 6.37 vs 5.65 GiB;
+- from the end of loading, the cache build ran 1.25x faster, but the peak RSS rose (9.36 vs 7.82
+  GiB at 512 px), or the training RSS did without a trim in between (up to 6.62 GiB at 256 px).
+``generate``, ``eval`` and ``demo`` call it at their start (CPU generation 1.11x faster, the same
+peak RSS). Library code that runs inside a host (a ComfyUI server or a web UI owns its
+allocator) never calls it.
 It does nothing where the user chose for themselves (``MALLOC_*`` variables, a preloaded
 jemalloc/tcmalloc, ``FACEDIFFUSER_MALLOC=system``) or where the C library is not glibc.
 """
@@ -71,16 +71,3 @@ def keep_freed_memory() -> str:
         return "left as is: mallopt refused"
     return f"glibc {version().decode()}: freed memory kept for reuse (M_MMAP_MAX=0, no trimming)"
 
-
-def release_free_memory() -> bool:
-    """Hand the heap's free pages back to the system once (glibc ``malloc_trim(0)``): between two
-    phases, so the next one starts from its own working set; False where it does not apply."""
-    if not sys.platform.startswith("linux") or _user_choice():
-        return False
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    trim(0)
-    return True

@@ -92,7 +92,7 @@ def test_the_train_command_in_its_own_process_keeps_freed_memory_and_a_host_call
 
 
 def test_train_reports_its_phases_in_order_once(sd15_tiny_checkpoint, tmp_path):
-    """The two points where the command switches its allocator: after loading, after the cache."""
+    """The points a front end can act on (the command switches its allocator at "caches built")."""
     sys.path.insert(0, str(Path(__file__).parent / "trainer"))
     from test_training_loop import make_shapes, tiny_config
 
