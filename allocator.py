@@ -6,7 +6,7 @@ allocates such blocks hundreds of times: oneDNN reorders each float32 convolutio
 new buffer on every call (118 MiB for SD1.5's 2560->1280 3x3 convolution), and large activations
 and their gradients come and go. Each fresh block is zero-filled page by page on first touch: on
 the project's 2-core box a 256-px SD1.5 LoRA step took 300 000-600 000 minor page faults, and the
-oneDNN call above ran 56 ms with them and 32 ms without (bench/RESULTS.md, issue 14). With
+oneDNN call above ran 93 ms with them and 38 ms without (bench/bench_alloc.py; bench/RESULTS.md). With
 ``M_MMAP_MAX = 0`` and no trimming, freed blocks stay in the heap and the next step reuses them.
 
 The cost: memory freed during a run is not handed back to the system before the process exits,

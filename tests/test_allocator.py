@@ -91,18 +91,18 @@ def test_the_train_command_in_its_own_process_keeps_freed_memory_and_a_host_call
     assert (tmp_path / "own" / "face.safetensors").is_file() and (tmp_path / "host" / "face.safetensors").is_file()
 
 
-def test_train_reports_its_phases_in_order_once(sd15_tiny_checkpoint, tmp_path):
-    """The points a front end can act on (the command switches its allocator at "caches built")."""
+def test_train_calls_on_train_start_once_before_the_first_step(sd15_tiny_checkpoint, tmp_path):
+    """Where the command switches its allocator: after loading and the cache build, before step 1."""
     sys.path.insert(0, str(Path(__file__).parent / "trainer"))
     from test_training_loop import make_shapes, tiny_config
 
     from facediffuser.trainer.training_loop import TrainCallbacks, train
 
-    phases, steps = [], []
+    starts, steps = [], []
     cfg = tiny_config(sd15_tiny_checkpoint, make_shapes(tmp_path / "data"), tmp_path / "o.safetensors", steps=2)
-    train(cfg, callbacks=TrainCallbacks(on_phase=lambda p: phases.append((p, len(steps))),
+    train(cfg, callbacks=TrainCallbacks(on_train_start=lambda: starts.append(len(steps)),
                                         on_step=lambda s, t, l: steps.append(s)))
-    assert phases == [("models loaded", 0), ("caches built", 0)] and steps == [1, 2]
+    assert starts == [0] and steps == [1, 2]
 
 
 def test_generation_commands_in_their_own_process_keep_freed_memory_from_the_start(tmp_path):

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     progress = _ProgressFile(getattr(args, "progress_file", None))
     stop_file = Path(args.stop_file) if getattr(args, "stop_file", None) else None
     callbacks = TrainCallbacks(on_step=progress.step, should_stop=stop_file.exists if stop_file else None,
-                               on_phase=_own_allocator if getattr(args, "own_process", False) else None)
+                               on_train_start=_own_allocator if getattr(args, "own_process", False) else None)
     try:
         result = train(config, callbacks=callbacks)
     except Exception as exc:
@@ -69,14 +69,13 @@ def run(args: argparse.Namespace) -> int:
     return 0 if result.status == "finished" else 1
 
 
-def _own_allocator(phase: str) -> None:
+def _own_allocator() -> None:
     """The command's own process (not a host's), :mod:`..allocator`: once the models are loaded and
     the caches built, freed memory is kept for the steps to reuse. Not earlier: switched on for the
     cache build too, it built 1.25x faster but left the peak RSS 1.6 GiB higher at 512 px."""
     from ..allocator import keep_freed_memory
 
-    if phase == "caches built":
-        keep_freed_memory()
+    keep_freed_memory()
 
 
 class _ProgressFile:

@@ -59,14 +59,14 @@ class TrainCallbacks:
     """Hooks for a front end (the ComfyUI node): progress, cancellation, fresh sample grids.
 
     ``on_step(step, total, loss)`` after every optimizer step; ``should_stop()`` before every step;
-    ``on_sample(step, png_path)`` after each sample grid is written; ``on_phase(name)`` when the
-    run reaches ``"models loaded"`` (before the caches are built) and ``"caches built"`` (before the
-    first step): the ``facediffuser train`` command sets up its own process's allocator there."""
+    ``on_sample(step, png_path)`` after each sample grid is written; ``on_train_start()`` once,
+    after the models, caches and base validation are set up and before the first step (the
+    ``facediffuser train`` command sets up its own process's allocator there)."""
 
     on_step: Callable[[int, int, float], None] | None = None
     should_stop: Callable[[], bool] | None = None
     on_sample: Callable[[int, Path], None] | None = None
-    on_phase: Callable[[str], None] | None = None
+    on_train_start: Callable[[], None] | None = None
 
 
 @dataclass
@@ -139,8 +139,6 @@ def _train(config: TrainConfig, *, callbacks: TrainCallbacks | None = None) -> T
     accelerator.wait_for_everyone()
 
     models = _load_models(config, accelerator.device, _weight_dtype(config))
-    if callbacks.on_phase is not None:
-        callbacks.on_phase("models loaded")
     prediction_type = _prediction_type(config, models)
     # peft's LoRA init and dropout draw from the global torch generator: this run's own seeded
     # stream stands in for it (same stream on every rank, as a seeded script would have it).
@@ -180,8 +178,8 @@ def _train(config: TrainConfig, *, callbacks: TrainCallbacks | None = None) -> T
     hook = _ValidationHook(config, validation, models, ema, params, accelerator, prediction_type, data, run, total_steps)
     if start_step == 0:
         hook.evaluate()  # the base model's held-out loss: where the curve starts
-    if callbacks.on_phase is not None:
-        callbacks.on_phase("caches built")
+    if callbacks.on_train_start is not None:
+        callbacks.on_train_start()
 
     while run.global_step < total_steps:
         if _should_stop(callbacks, accelerator):
